@@ -1,0 +1,3 @@
+from pima_hpc.cli import main
+
+raise SystemExit(main())
