@@ -72,6 +72,8 @@ class ModelConfig:
     expert_noise_std: float = 1.0
     # Floor on the learned expert noise std (in normalised units) so no cluster collapses.
     expert_noise_floor: float = 0.01
+    # q(c|X) in the ELBO: "joint" (mean-field optimum incl. the expert likelihood) or "latent" (paper's p(c|z)).
+    cluster_posterior: str = "joint"
     # Initial spread of the cluster means in latent space (before the first EM pass).
     cluster_init_scale: float = 3.0
 
@@ -82,6 +84,7 @@ class ModelConfig:
             ch = getattr(self, key)
             _check(len(ch) >= 1 and all(c >= 1 for c in ch), f"model.{key}",
                    f"must be a non-empty list of positive ints, got {list(ch)}")
+        _choice(self.cluster_posterior, "model.cluster_posterior", ("joint", "latent"))
         _choice(self.expert_noise, "model.expert_noise", ("learned", "fixed"))
         _check(self.expert_noise_std > 0, "model.expert_noise_std", "must be > 0")
         _check(self.expert_noise_floor > 0, "model.expert_noise_floor", "must be > 0")
@@ -108,8 +111,13 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
-    # Steps of the expert-guided warm-up (q(c) from eq 19) before the paper's gamma = p(c|z).
+    # Epochs with the cluster means held at their initial, well-separated positions before the
+    # first EM update (with cluster_posterior=latent, q(c) comes from the experts, eq 19, meanwhile).
     warmup_epochs: int = 1
+    # ... and longer, up to max_warmup_epochs, until the latent code alone (p(c|z=mu)) agrees with
+    # q(c|X) on this fraction of the training set: an unsupervised check that clusters are formed.
+    max_warmup_epochs: int = 5
+    warmup_agreement: float = 0.98
     # Cluster initialisation: k-means++ on per-sample expert fits ("experts") or random ("random").
     init: str = "experts"
     # Optional EM updates of the cluster variances and weights (from sum gamma*mu^2).
@@ -130,6 +138,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        _check(self.max_warmup_epochs >= self.warmup_epochs, "train.max_warmup_epochs", "must be >= train.warmup_epochs")
+        _check(0.0 <= self.warmup_agreement <= 1.0, "train.warmup_agreement", "must be in [0, 1]")
         _choice(self.init, "train.init", ("experts", "random"))
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")
         _check(self.ridge >= 0, "train.ridge", "must be >= 0")

@@ -1,0 +1,127 @@
+"""The ``pima`` command.
+
+    pima train CONFIG [key=value ...]     train (both stages by default), resuming if run_dir has a checkpoint
+    pima evaluate RUN_DIR                 recompute metrics and figures of a finished run
+    pima show RUN_DIR                     print a run's config summary, history and metrics
+    pima data ...                         build datasets (MNIST, lattice, your own data)
+    pima tune CONFIG                      Ray Tune sweep
+
+User errors (config, data, CLI, resume) print one line and exit 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("pima")
+
+
+def _setup_logging(rank: int = 0) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _user_errors():
+    """Exception types whose message is meant for the user (one line, exit 2)."""
+    from pima_hpc.config import ConfigError
+    from pima_hpc.train.checkpoint import CheckpointError
+    from pima_hpc.train.trainer import NonFiniteError, ResumeError
+    errors = [ConfigError, CheckpointError, ResumeError, NonFiniteError, FileNotFoundError]
+    try:
+        from pima_hpc.data import DataError
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def cmd_train(args) -> int:
+    from pima_hpc.config import load_config
+    from pima_hpc.train.run import train_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    return train_from_config(cfg)
+
+
+def cmd_evaluate(args) -> int:
+    from pima_hpc.train.run import evaluate_run
+
+    evaluate_run(args.run_dir, args.overrides)
+    return 0
+
+
+def cmd_show(args) -> int:
+    run = Path(args.run_dir)
+    metrics_path = run / "metrics.json"
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a run directory (no config.yaml)")
+    print((run / "config.yaml").read_text())
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        for h in m.get("history", []):
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()})
+        for key, val in m.items():
+            if isinstance(val, dict) and "test" in val:
+                print(f"{key:24s} test accuracy {100 * val['test']['accuracy']:.2f}%  "
+                      f"NMI {val['test']['nmi']:.3f}  ARI {val['test']['ari']:.3f}")
+        print("experts:", json.dumps(m.get("experts", {}))[:2000])
+    else:
+        print("(no metrics.json yet: the run has not finished)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pima", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a PIMA model (multimodal and cross-modal stages)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 run_dir=runs/x")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="recompute metrics and figures of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. device=cpu)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("show", help="print a run's config, history and metrics")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_show)
+
+    try:
+        from pima_hpc.data.cli import add_data_commands
+        add_data_commands(sub)
+    except ImportError:
+        pass
+    try:
+        from pima_hpc.tune import add_tune_command
+        add_tune_command(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        print(f"pima: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pima: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

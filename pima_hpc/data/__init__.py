@@ -1,0 +1,19 @@
+"""Data layer: multimodal datasets in HDF5, sharded across ranks (docs/data-format.md).
+
+* :mod:`~pima_hpc.data.base` - the contract with the trainer (specs, rank blocks, SplitReader).
+* :mod:`~pima_hpc.data.layout` / :mod:`~pima_hpc.data.writer` - the on-disk layout, its checks
+  and the bounded-memory, atomic writer.
+* :mod:`~pima_hpc.data.hdf5` - :func:`open_split`, :func:`make_loader`, :func:`read_truth`.
+* Builders behind ``pima data ...``: :mod:`~pima_hpc.data.mnist`, :mod:`~pima_hpc.data.lattice`,
+  :mod:`~pima_hpc.data.convert`.
+"""
+
+from pima_hpc.data.base import (CURVE, IMAGE, DatasetSpec, InMemorySplit, ModalitySpec, SplitReader,
+                                rank_block)
+from pima_hpc.data.errors import DataError
+from pima_hpc.data.hdf5 import H5SplitReader, make_loader, open_split, read_truth
+from pima_hpc.data.layout import DatasetInfo, describe, list_splits, verify_dataset
+
+__all__ = ["CURVE", "IMAGE", "DataError", "DatasetInfo", "DatasetSpec", "H5SplitReader", "InMemorySplit",
+           "ModalitySpec", "SplitReader", "describe", "list_splits", "make_loader", "open_split", "rank_block",
+           "read_truth", "verify_dataset"]

@@ -1,0 +1,25 @@
+"""Open the splits a run needs, from the config: the embedded digits or an HDF5 dataset."""
+
+from __future__ import annotations
+
+from pima_hpc.config import DataConfig
+from pima_hpc.data.base import SplitReader
+
+
+def open_run_split(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1) -> SplitReader:
+    """The reader of ``split`` ("train", "val" or "test" in the config's naming) for this rank."""
+    name = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}[split]
+    if cfg.source == "digits":
+        from pima_hpc.data.digits import open_digits_split
+        return open_digits_split(name, rank, world_size, cfg.curve_noise, cfg.curve_points)
+    from pima_hpc.data.hdf5 import open_split
+    return open_split(cfg.path, name, rank=rank, world_size=world_size, in_memory=cfg.in_memory)
+
+
+def has_split(cfg: DataConfig, split: str) -> bool:
+    """Whether the dataset holds ``split`` (HDF5 datasets may lack a validation or test split)."""
+    if cfg.source == "digits":
+        return True
+    from pima_hpc.data.hdf5 import list_splits
+    name = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}[split]
+    return name in list_splits(cfg.path)

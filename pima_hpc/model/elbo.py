@@ -1,0 +1,122 @@
+"""The PIMA posterior, mixture prior and closed-form ELBO, one paper equation per function.
+
+Shapes: B samples, C clusters, l latent dimensions, L curve points.
+All log-densities include their 2*pi constants, so each term is a true expectation and can be
+checked against Monte Carlo (tests/test_elbo.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def product_of_experts(mus: list[torch.Tensor], logvars: list[torch.Tensor],
+                       mask: torch.Tensor | None = None, prior_expert: bool = False):
+    """Fuse unimodal Gaussians into q(z|X_1..X_D) = N(mu, sigma^2) (eqs 7-8).
+
+    sigma^-2 = sum_i sigma_i^-2 and mu / sigma^2 = sum_i mu_i / sigma_i^2, over the modalities
+    present. ``mask`` (B, D) marks present modalities (1) and missing ones (0), for cross-modal
+    inference; ``prior_expert`` adds N(0, I) as one more expert so a sample with every modality
+    masked falls back to the prior instead of dividing by zero.
+    Returns (mu, logvar), each (B, l).
+    """
+    mu_stack = torch.stack(mus, dim=1)  # (B, D, l)
+    precision = torch.exp(-torch.stack(logvars, dim=1))
+    if mask is not None:
+        precision = precision * mask.to(precision.dtype).unsqueeze(-1)
+    total = precision.sum(dim=1)
+    weighted = (precision * mu_stack).sum(dim=1)
+    if prior_expert:
+        total = total + 1.0  # N(0, I): precision 1, mean 0
+    return weighted / total, -torch.log(total)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None):
+    """z = mu + eps * sigma with eps ~ N(0, I) (Section 2.1), from an explicit generator for exact resume."""
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device="cpu").to(mu.device)
+    return mu + eps * torch.exp(0.5 * logvar)
+
+
+def log_normal_diag(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, diag exp(logvar)) summed over the last axis (broadcasting)."""
+    return -0.5 * (LOG_2PI + logvar + (x - mean) ** 2 * torch.exp(-logvar)).sum(-1)
+
+
+def log_joint_clusters(z: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor,
+                       logvars: torch.Tensor) -> torch.Tensor:
+    """log pi_c + log N(z; mu_c, sigma_c^2) for every cluster (eqs 9-10): (B, l) -> (B, C)."""
+    return log_pi + log_normal_diag(z.unsqueeze(1), means, logvars)
+
+
+def log_responsibilities(z: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor,
+                         logvars: torch.Tensor) -> torch.Tensor:
+    """log gamma_c = log p(c|z) (eq 15), normalised by logsumexp (ERRATA 8).
+
+    The paper's product of exponentials underflows to 0/0 for z far from every centre;
+    in log space gamma sums to one and stays finite everywhere.
+    """
+    joint = log_joint_clusters(z, log_pi, means, logvars)
+    return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
+
+
+def expected_log_prior_z(mu: torch.Tensor, logvar: torch.Tensor, means: torch.Tensor,
+                         logvars: torch.Tensor) -> torch.Tensor:
+    """E_q(z)[log N(z; mu_c, sigma_c^2)] per cluster (Lemmas B.1-B.2, ERRATA 1): (B, C).
+
+    = -1/2 sum_j [log 2 pi sigma_cj^2 + sigma_j^2 / sigma_cj^2 + (mu_j - mu_cj)^2 / sigma_cj^2].
+    """
+    mu, logvar = mu.unsqueeze(1), logvar.unsqueeze(1)
+    inv = torch.exp(-logvars)
+    return -0.5 * (LOG_2PI + logvars + torch.exp(logvar) * inv + (mu - means) ** 2 * inv).sum(-1)
+
+
+def expected_log_prior_c(gamma: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """E_q[log p(c)] = sum_c gamma_c log pi_c (Lemma B.3 as corrected by ERRATA 2): (B,)."""
+    return (gamma * log_pi).sum(-1)
+
+
+def entropy_q_z(logvar: torch.Tensor) -> torch.Tensor:
+    """-E_q[log q(z|X)] = 1/2 sum_j (1 + log 2 pi sigma_j^2) (Lemma B.4): (B,)."""
+    return 0.5 * (1.0 + LOG_2PI + logvar).sum(-1)
+
+
+def entropy_q_c(gamma: torch.Tensor, log_gamma: torch.Tensor) -> torch.Tensor:
+    """-E_q[log q(c|X)] = -sum_c gamma_c log gamma_c (Lemma B.5): (B,)."""
+    return -(gamma * log_gamma).sum(-1)
+
+
+def expert_log_likelihood(x: torch.Tensor, expert_means: torch.Tensor, log_noise_var: torch.Tensor) -> torch.Tensor:
+    """log p(X_s | c) = log N(X_s; E(t; theta_c), sigma_hat_c^2 I) per cluster (eq 11): (B, L), (C, L), (C,) -> (B, C)."""
+    sq = ((x.unsqueeze(1) - expert_means) ** 2).sum(-1)
+    n = x.shape[-1]
+    return -0.5 * (n * (LOG_2PI + log_noise_var) + sq * torch.exp(-log_noise_var))
+
+
+def gaussian_recon_log_likelihood(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """log N(X_i; mu_hat_i, I) for a data-driven modality (eq 12, unit variance as in ERRATA 3): (B,)."""
+    d = (x - x_hat).flatten(1)
+    return -0.5 * (d.shape[1] * LOG_2PI + (d ** 2).sum(-1))
+
+
+def moe_mean_var(weights: torch.Tensor, expert_means: torch.Tensor, noise_var: torch.Tensor):
+    """Mixture-of-experts mean and variance of a scientific modality (eqs 13-14, ERRATA 4).
+
+    E[X] = sum_c w_c E_c;  Var[X] = sum_c w_c (sigma_hat_c^2 + E_c^2) - E[X]^2.
+    ``weights`` is pi (C,) for the marginal, or gamma (B, C) for a prediction given a sample.
+    """
+    mean = weights @ expert_means
+    second = weights @ (noise_var.unsqueeze(-1) + expert_means ** 2)
+    return mean, (second - mean ** 2).clamp_min(0.0)
+
+
+def crossmodal_kl(mu: torch.Tensor, logvar: torch.Tensor, mu_uni: torch.Tensor, logvar_uni: torch.Tensor):
+    """KL(q(z|X_1..X_D) || q~(z|X_i)) summed over latent components (eq 18, ERRATA 5): (B,).
+
+    = 1/2 sum_k [log(s~^2 / s^2) - 1 + s^2 / s~^2 + (mu~ - mu)^2 / s~^2].
+    """
+    inv = torch.exp(-logvar_uni)
+    return 0.5 * (logvar_uni - logvar - 1.0 + torch.exp(logvar) * inv + (mu_uni - mu) ** 2 * inv).sum(-1)

@@ -1,0 +1,202 @@
+"""The PIMA model: unimodal encoders, product-of-experts fusion, Gaussian-mixture prior,
+data-driven image decoders and physics experts for curves (Sections 2.1-2.4).
+
+This module knows nothing about ranks or launchers. Parameters trained by Adam are the
+networks, the mixture logits (eq 9) and, unless EM sets them, the cluster log-variances.
+The cluster means (eq 16), the expert parameters (eq 17) and the expert noise sigma_hat_c are
+buffers set in closed form from sufficient statistics by :mod:`pima_hpc.train.em`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from pima_hpc.config import ModelConfig
+from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
+from pima_hpc.model import elbo
+from pima_hpc.model.experts import build_expert
+from pima_hpc.model.networks import ImageDecoder, build_encoder
+
+
+def spread_points(n: int, dim: int, radius: float) -> torch.Tensor:
+    """``n`` well-separated initial cluster means: greedy farthest points on a sphere of ``radius``.
+
+    Random normal means can land close together, and two clusters that start on top of each other
+    may never separate in latent space even when their experts tell them apart.
+    """
+    if dim == 1:
+        return torch.linspace(-radius, radius, n).unsqueeze(1)
+    cand = torch.randn(64 * n, dim)
+    cand = radius * cand / cand.norm(dim=1, keepdim=True)
+    chosen = [0]
+    dist = (cand - cand[0]).norm(dim=1)
+    for _ in range(n - 1):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = torch.minimum(dist, (cand - cand[nxt]).norm(dim=1))
+    return cand[chosen].clone()
+
+
+class PIMA(nn.Module):
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig):
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+        c, l = cfg.n_clusters, cfg.latent_dim
+        self.names = spec.names
+        self.image_names = [m.name for m in spec.modalities if m.kind == IMAGE]
+        self.curve_names = [m.name for m in spec.modalities if m.kind == CURVE]
+        self.encoders = nn.ModuleDict({m.name: build_encoder(m, cfg.image_channels, cfg.curve_channels, l)
+                                       for m in spec.modalities})
+        self.decoders = nn.ModuleDict({m.name: ImageDecoder(m, cfg.decoder_channels, l)
+                                       for m in spec.modalities if m.kind == IMAGE})
+        self.experts = {m.name: build_expert(cfg.expert, m.t) for m in spec.modalities if m.kind == CURVE}
+        # eq 9: pi = softmax(free vector)
+        self.pi_logits = nn.Parameter(torch.zeros(c))
+        # eq 10: cluster means (EM, eq 16) and log-variances (Adam, or EM when enabled)
+        self.register_buffer("cluster_means", spread_points(c, l, cfg.cluster_init_scale))
+        self.cluster_logvars = nn.Parameter(torch.zeros(c, l))
+        init_noise = float(np.log(cfg.expert_noise_std ** 2))
+        for name, expert in self.experts.items():
+            self.register_buffer(f"theta_{name}", torch.zeros(c, expert.n_params, dtype=torch.float64))
+            self.register_buffer(f"log_noise_{name}", torch.full((c,), init_noise))
+            self.register_buffer(f"curves_{name}", torch.zeros(c, len(expert.t)))
+
+    # ----- parameters set in closed form --------------------------------------------------------
+    def theta(self, name: str) -> np.ndarray:
+        return getattr(self, f"theta_{name}").cpu().numpy()
+
+    def set_theta(self, name: str, theta: np.ndarray) -> None:
+        """Set expert parameters (physical units) and cache their curves in normalised units."""
+        getattr(self, f"theta_{name}").copy_(torch.as_tensor(theta, dtype=torch.float64))
+        curves = self.spec[name].to_normalised(self.experts[name].evaluate(theta))
+        getattr(self, f"curves_{name}").copy_(torch.as_tensor(curves, dtype=torch.float32))
+
+    def expert_curves(self, name: str) -> torch.Tensor:
+        """E(t; theta_c) of every cluster in the normalised data space (C, L)."""
+        return getattr(self, f"curves_{name}")
+
+    def log_noise(self, name: str) -> torch.Tensor:
+        return getattr(self, f"log_noise_{name}")
+
+    def log_pi(self) -> torch.Tensor:
+        return torch.log_softmax(self.pi_logits, dim=0)
+
+    # ----- inference ---------------------------------------------------------------------------
+    def encode_each(self, batch: dict[str, torch.Tensor]) -> tuple[list, list]:
+        mus, logvars = [], []
+        for name in self.names:
+            mu, lv = self.encoders[name](batch[name])
+            mus.append(mu)
+            logvars.append(lv)
+        return mus, logvars
+
+    def encode(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
+        """q(z | X_1..X_D) by product of experts (eqs 7-8); ``mask`` (B, D) drops missing modalities."""
+        mus, logvars = self.encode_each(batch)
+        return elbo.product_of_experts(mus, logvars, mask, self.cfg.prior_expert)
+
+    def log_responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """log gamma = log p(c | z) (eq 15, ERRATA 8)."""
+        return elbo.log_responsibilities(z, self.log_pi(), self.cluster_means, self.cluster_logvars)
+
+    def expert_log_posterior(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(c | X_s) from the expert likelihoods of every curve modality (eq 19): (B, C)."""
+        joint = self.log_pi().detach().expand(len(batch[self.curve_names[0]]), -1)
+        for name in self.curve_names:
+            joint = joint + elbo.expert_log_likelihood(batch[name], self.expert_curves(name), self.log_noise(name))
+        return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
+
+    def image_log_posterior(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """log p(mu_c | X_i) for a data-driven modality (eq 20): decode every centroid, compare."""
+        x_hat = self.decoders[name](self.cluster_means)  # (C, ...)
+        d = (x.unsqueeze(1) - x_hat.unsqueeze(0)).flatten(2)
+        joint = self.log_pi() - 0.5 * (d ** 2).sum(-1)
+        return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic cluster assignment: argmax gamma at z = posterior mean (ERRATA 8)."""
+        mu, _ = self.encode(batch, mask)
+        return self.log_responsibilities(mu).argmax(-1)
+
+    # ----- the ELBO ----------------------------------------------------------------------------
+    def cluster_log_posterior(self, batch: dict[str, torch.Tensor], mu: torch.Tensor, logvar: torch.Tensor,
+                              z: torch.Tensor) -> torch.Tensor:
+        """log q(c | X) used in the ELBO, (B, C).
+
+        "latent" (the paper): gamma = p(c|z) at the sample z (eq 15), differentiated through.
+        "joint": the mean-field optimum of the closed-form ELBO over q(c),
+            log q(c) = log pi_c + E_q[log p(z|c)] + sum_s log p(X_s|c) + const,
+        which also counts the expert likelihood. Appendix B's eq 27 treats the decoder as
+        independent of c; with per-cluster experts it is not, and this q(c) is the tighter
+        bound. It is an optimum, so by the envelope theorem no gradient flows through it.
+        """
+        if self.cfg.cluster_posterior == "latent":
+            return self.log_responsibilities(z)
+        with torch.no_grad():
+            joint = self.log_pi() + elbo.expected_log_prior_z(mu, logvar, self.cluster_means, self.cluster_logvars)
+            for name in self.curve_names:
+                joint = joint + elbo.expert_log_likelihood(batch[name], self.expert_curves(name), self.log_noise(name))
+            return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                q_c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample ELBO terms (Section 2.3 / Appendix B with ERRATA 1-3), each (B,).
+
+        q(c|X) from :meth:`cluster_log_posterior`, unless ``q_c`` (B, C) supplies it (the optional
+        expert-guided warm-up uses eq 19's p(c | X_s)).
+        """
+        mu, logvar = self.encode(batch)
+        z = elbo.reparameterize(mu, logvar, generator)
+        if q_c is None:
+            log_gamma = self.cluster_log_posterior(batch, mu, logvar, z)
+        else:
+            log_gamma = torch.log(q_c.clamp_min(1e-30))
+        gamma = log_gamma.exp()
+        log_pi = self.log_pi()
+        terms = {"recon": torch.zeros_like(mu[:, 0]), "expert": torch.zeros_like(mu[:, 0])}
+        for name in self.image_names:
+            terms["recon"] = terms["recon"] + elbo.gaussian_recon_log_likelihood(batch[name], self.decoders[name](z))
+        for name in self.curve_names:
+            ll = elbo.expert_log_likelihood(batch[name], self.expert_curves(name), self.log_noise(name))
+            terms["expert"] = terms["expert"] + (gamma * ll).sum(-1)
+        terms["prior_z"] = (gamma * elbo.expected_log_prior_z(mu, logvar, self.cluster_means,
+                                                               self.cluster_logvars)).sum(-1)
+        terms["prior_c"] = elbo.expected_log_prior_c(gamma, log_pi)
+        terms["entropy_z"] = elbo.entropy_q_z(logvar)
+        terms["entropy_c"] = elbo.entropy_q_c(gamma, log_gamma)
+        return terms
+
+    # ----- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: self.decoders[name](z) for name in self.image_names}
+
+    @torch.no_grad()
+    def predict_curve(self, name: str, weights: torch.Tensor, physical: bool = True):
+        """MoE mean and variance of curve modality ``name`` (eqs 13-14, ERRATA 4) under ``weights``."""
+        mean, var = elbo.moe_mean_var(weights, self.expert_curves(name), self.log_noise(name).exp())
+        if physical:
+            s = self.spec[name]
+            mean, var = s.to_physical(mean), var * s.scale ** 2
+        return mean, var
+
+
+def elbo_from_terms(terms: dict[str, torch.Tensor], recon_w=1.0, expert_w=1.0, prior_w=1.0) -> torch.Tensor:
+    """Weighted per-sample ELBO (weights 1 give the ELBO of ERRATA 3, halved to a true log-likelihood bound)."""
+    kl_part = terms["prior_z"] + terms["prior_c"] + terms["entropy_z"] + terms["entropy_c"]
+    return recon_w * terms["recon"] + expert_w * terms["expert"] + prior_w * kl_part
+
+
+class CrossModalEncoders(nn.Module):
+    """One unimodal encoder q~(z | X_i) per modality, same architecture as q(z | X_i) (Section 2.4)."""
+
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig):
+        super().__init__()
+        self.encoders = nn.ModuleDict({m.name: build_encoder(m, cfg.image_channels, cfg.curve_channels,
+                                                             cfg.latent_dim) for m in spec.modalities})
+
+    def forward(self, name: str, x: torch.Tensor):
+        return self.encoders[name](x)

@@ -1,0 +1,98 @@
+"""Streaming sufficient statistics and the closed-form M-steps (Algorithm 1, eqs 16-17).
+
+E-step, statistics and M-step are separate pure functions, in the manner of scikit-learn's
+GaussianMixture: the statistics are plain float64 arrays, which is exactly what a cross-worker
+sum needs (ERRATA 6: they add across batches and across workers, so the distributed result is
+the single-process result).
+
+Per cluster c, with gamma_cd = p(c | z_d) and q(z_d|X_d) = N(mu_d, diag s_d^2):
+    latent:  N0_c = sum_d gamma_cd,  N1_c = sum_d gamma_cd mu_d,  N2_c = sum_d gamma_cd (mu_d^2 + s_d^2)
+    curves:  S0_c = sum_d gamma_cd,  S1_c = sum_d gamma_cd x_d,   S2_c = sum_d gamma_cd ||x_d||^2
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class StreamingStatistics:
+    """Named float64 accumulators: add batch contributions, reduce over workers, decay (RLS forgetting)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.values = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
+
+    def add(self, **batch: np.ndarray) -> None:
+        for k, v in batch.items():
+            self.values[k] += v
+
+    def decay(self, factor: float) -> None:
+        """Multiply every statistic by ``factor`` (the forgetting factor lambda of recursive least squares)."""
+        for v in self.values.values():
+            v *= factor
+
+    def merge(self, other: "StreamingStatistics") -> None:
+        self.add(**other.values)
+
+    def arrays(self) -> list[np.ndarray]:
+        return list(self.values.values())
+
+    def set_arrays(self, arrays: list[np.ndarray]) -> None:
+        for k, a in zip(self.values, arrays):
+            self.values[k] = np.asarray(a, dtype=np.float64).reshape(self.values[k].shape)
+
+    def reduce(self, collective) -> None:
+        """Replace every statistic by its sum over all workers (one collective call)."""
+        self.set_arrays(collective.allreduce_sum(self.arrays()))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.values[key]
+
+
+def latent_statistics(gamma: np.ndarray, mu: np.ndarray, var: np.ndarray) -> dict[str, np.ndarray]:
+    """E-step sufficient statistics of one batch: gamma (B, C), mu and var (B, l), all float64."""
+    return {"n0": gamma.sum(0), "n1": gamma.T @ mu, "n2": gamma.T @ (mu ** 2 + var), "count": np.array(len(mu), float)}
+
+
+def curve_statistics(gamma: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Gamma-weighted curve sums of one batch (the RLS information for eq 17): gamma (B, C), x (B, L)."""
+    return {"s0": gamma.sum(0), "s1": gamma.T @ x, "s2": gamma.T @ (x ** 2).sum(1)}
+
+
+def m_step_means(n0: np.ndarray, n1: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """Cluster means mu_c = sum gamma mu / sum gamma (eq 16); a cluster with no weight keeps its mean."""
+    has = n0 > 1e-10
+    out = np.array(prev, dtype=np.float64, copy=True)
+    out[has] = n1[has] / n0[has, None]
+    return out
+
+
+def m_step_variances(n0: np.ndarray, n1: np.ndarray, n2: np.ndarray, prev: np.ndarray,
+                     min_var: float = 1e-6) -> np.ndarray:
+    """ELBO-optimal sigma_cj^2 = sum gamma (s^2 + (mu - mu_c)^2) / sum gamma, floored at ``min_var``.
+
+    The posterior variance s^2 enters because the closed-form ELBO takes E_q over z, not a point.
+    """
+    has = n0 > 1e-10
+    out = np.array(prev, dtype=np.float64, copy=True)
+    mean = n1[has] / n0[has, None]
+    out[has] = np.maximum(n2[has] / n0[has, None] - mean ** 2, min_var)
+    return out
+
+
+def m_step_weights(n0: np.ndarray, min_weight: float = 1e-6) -> np.ndarray:
+    """Mixture weights pi_c = N0_c / N (eq 9's optimum), kept away from 0 so log pi stays finite."""
+    pi = np.maximum(n0 / max(n0.sum(), 1e-300), min_weight)
+    return pi / pi.sum()
+
+
+def expert_noise_variance(s0: np.ndarray, s1: np.ndarray, s2: np.ndarray, curves: np.ndarray,
+                          prev: np.ndarray, floor_var: float) -> np.ndarray:
+    """sigma_hat_c^2 = sum_d gamma_cd ||x_d - E_c||^2 / (L sum_d gamma_cd) from the statistics.
+
+    sum gamma ||x - E||^2 = S2 - 2 E . S1 + S0 ||E||^2, all in the same (normalised) units.
+    """
+    has = s0 > 1e-10
+    out = np.array(prev, dtype=np.float64, copy=True)
+    sse = s2 - 2.0 * (curves * s1).sum(1) + s0 * (curves ** 2).sum(1)
+    out[has] = np.maximum(sse[has] / (s0[has] * curves.shape[1]), floor_var)
+    return out

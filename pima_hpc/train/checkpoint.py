@@ -1,0 +1,111 @@
+"""Atomic, rotating checkpoints loaded without arbitrary pickles.
+
+A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed
+over its final name, so a process killed mid-write never leaves a truncated checkpoint that looks
+whole. ``latest.json`` (also replaced atomically) names the newest complete checkpoint; on resume a
+corrupt newest checkpoint falls back to the previous good one with a warning, never to a silent
+restart from scratch. Loading uses ``torch.load(weights_only=True)``: tensors and plain Python
+containers only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); delete it to fall back to an older one") from None
+
+
+class CheckpointManager:
+    """Checkpoints of one run directory: ``checkpoints/ckpt-<stage>-e<epoch>-s<step>.pt``, the last K kept."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+        self.pointer = self.dir / "latest.json"
+
+    def _history(self) -> list[str]:
+        if not self.pointer.is_file():
+            return []
+        try:
+            return list(json.loads(self.pointer.read_text())["history"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{str(self.pointer)!r} is corrupt; delete it (the .pt files stay usable) "
+                                  "or remove the run directory to start over") from None
+
+    def save(self, payload: dict, name: str, best: bool = False) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{name}.pt"
+        save_checkpoint(path, payload)
+        history = [h for h in self._history() if h != path.name] + [path.name]
+        for old in history[:-self.keep]:
+            (self.dir / old).unlink(missing_ok=True)
+        history = history[-self.keep:]
+        atomic_write_text(self.pointer, json.dumps({"latest": path.name, "history": history}, indent=1))
+        if best:
+            save_checkpoint(self.dir / "best.pt", payload)
+        return path
+
+    def exists(self) -> bool:
+        return self.pointer.is_file() or any(self.dir.glob("ckpt-*.pt"))
+
+    def load_latest(self) -> tuple[dict, Path] | None:
+        """The newest readable checkpoint (falling back to older ones, with a warning), or None if none."""
+        names = self._history()
+        if not names and self.dir.is_dir():
+            names = sorted(p.name for p in self.dir.glob("ckpt-*.pt"))
+        errors = []
+        for name in reversed(names):
+            path = self.dir / name
+            try:
+                payload = load_checkpoint(path)
+            except CheckpointError as exc:
+                errors.append(str(exc))
+                log.warning("%s; trying the previous checkpoint", exc)
+                continue
+            return payload, path
+        if errors:
+            raise CheckpointError("no usable checkpoint in " + str(self.dir) + ": " + "; ".join(errors))
+        return None

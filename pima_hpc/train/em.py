@@ -1,0 +1,151 @@
+"""Closed-form updates of Algorithm 1: the streaming EM pass and the expert least squares.
+
+Each pass reads this rank's part of the training split once in eval mode, accumulates float64
+sufficient statistics, sums them over workers with ONE collective call, and applies the same
+M-step on every rank, so all ranks hold identical cluster means, variances, weights and expert
+parameters (ERRATA 6). Also the data-driven initialisation: per-sample expert fits clustered by
+k-means++, which is what makes every seed start from the right partition.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from pima_hpc.model.pima import PIMA
+from pima_hpc.model.statistics import (StreamingStatistics, curve_statistics, expert_noise_variance,
+                                       latent_statistics, m_step_means, m_step_variances, m_step_weights)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def new_curve_statistics(model: PIMA) -> dict[str, StreamingStatistics]:
+    c = model.cfg.n_clusters
+    return {name: StreamingStatistics({"s0": (c,), "s1": (c, len(model.experts[name].t)), "s2": (c,)})
+            for name in model.curve_names}
+
+
+def reduce_all(collective, groups: list[StreamingStatistics]) -> None:
+    """Sum several statistics objects over workers in one collective call."""
+    arrays = [a for g in groups for a in g.arrays()]
+    summed = collective.allreduce_sum(arrays)
+    i = 0
+    for g in groups:
+        n = len(g.values)
+        g.set_arrays(summed[i:i + n])
+        i += n
+
+
+@torch.no_grad()
+def em_pass(model: PIMA, reader, batch_size: int, collective, device, curve_memory: dict | None = None,
+            forgetting: float = 0.0):
+    """E-step over the whole split (gamma at z = mu, ERRATA 8) -> reduced statistics.
+
+    Returns (latent statistics, curve statistics per curve modality). ``curve_memory`` holds the
+    previous epochs' reduced curve statistics; with forgetting factor lambda the expert solve uses
+    lambda * previous + current (recursive least squares with exponential forgetting).
+    """
+    was_training = model.training
+    model.eval()
+    c, l = model.cfg.n_clusters, model.cfg.latent_dim
+    latent = StreamingStatistics({"n0": (c,), "n1": (c, l), "n2": (c, l), "count": (), "agree": ()})
+    curves = new_curve_statistics(model)
+    for batch in reader.iter_batches(batch_size, shuffle=False):
+        batch = to_device(batch, device)
+        mu, logvar = model.encode(batch)
+        # The same q(c) the ELBO uses, evaluated at z = mu so the pass is deterministic (ERRATA 8).
+        log_q = model.cluster_log_posterior(batch, mu, logvar, mu)
+        gamma = log_q.exp().double().cpu().numpy()
+        latent.add(**latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy()))
+        # How often the latent code alone names the same cluster as q(c|X) (warm-up criterion).
+        agree = (model.log_responsibilities(mu).argmax(-1) == log_q.argmax(-1)).sum()
+        latent.add(agree=np.array(float(agree)))
+        for name in model.curve_names:
+            curves[name].add(**curve_statistics(gamma, batch[name].double().cpu().numpy()))
+    reduce_all(collective, [latent] + [curves[n] for n in model.curve_names])
+    if curve_memory and forgetting > 0:
+        for name in model.curve_names:
+            prev = curve_memory[name]
+            prev.decay(forgetting)
+            curves[name].merge(prev)
+    model.train(was_training)
+    return latent, curves
+
+
+@torch.no_grad()
+def apply_gmm_m_step(model: PIMA, latent: StreamingStatistics, em_variances: bool, em_weights: bool) -> None:
+    """Cluster means (eq 16) and optionally variances and weights, identically on every rank."""
+    n0, n1, n2 = latent["n0"], latent["n1"], latent["n2"]
+    means = m_step_means(n0, n1, model.cluster_means.double().cpu().numpy())
+    model.cluster_means.copy_(torch.as_tensor(means))
+    if em_variances:
+        var = m_step_variances(n0, n1, n2, model.cluster_logvars.detach().exp().double().cpu().numpy())
+        model.cluster_logvars.data.copy_(torch.as_tensor(np.log(var)))
+    if em_weights:
+        model.pi_logits.data.copy_(torch.as_tensor(np.log(m_step_weights(n0))))
+
+
+@torch.no_grad()
+def apply_expert_solve(model: PIMA, curves: dict[str, StreamingStatistics], ridge: float, noise: str,
+                       noise_floor: float) -> None:
+    """Eq 17 from the gamma-weighted curve statistics, then sigma_hat_c from the weighted residuals."""
+    for name, st in curves.items():
+        spec = model.spec[name]
+        s0, s1, s2 = st["s0"], st["s1"], st["s2"]
+        # Statistics are in normalised units; experts work in physical units (x = scale x_n + offset).
+        s1_phys = spec.scale * s1 + spec.offset * s0[:, None]
+        theta = model.experts[name].solve(s0, s1_phys, model.theta(name), ridge)
+        model.set_theta(name, theta)
+        if noise == "learned":
+            var = expert_noise_variance(s0, s1, s2, model.expert_curves(name).double().cpu().numpy(),
+                                        model.log_noise(name).exp().double().cpu().numpy(), noise_floor ** 2)
+            model.log_noise(name).copy_(torch.as_tensor(np.log(var)))
+
+
+@torch.no_grad()
+def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, device, seed: int,
+                            max_fit_samples: int = 20000) -> dict:
+    """Seed clusters from the physics: fit the expert to every curve alone, k-means++ the fits.
+
+    Every rank fits its own samples; a subsample of at most ``max_fit_samples`` fits in total is
+    gathered through the collective (a sum of zero-padded per-rank slots) so every rank runs the
+    identical k-means. Then one pass assigns every sample to its nearest centre and the experts
+    and their noise are solved exactly on those hard assignments (eq 17 with one-hot gamma).
+    """
+    names = model.curve_names
+    fits, local_x = [], []
+    for batch in reader.iter_batches(batch_size, shuffle=False):
+        fits.append(np.concatenate([model.experts[n].fit_samples(
+            model.spec[n].to_physical(batch[n].double().numpy())) for n in names], axis=1))
+    fits = np.concatenate(fits)
+    world, rank = collective.world_size, collective.rank
+    per_rank = max(1, max_fit_samples // world)
+    take = np.linspace(0, len(fits) - 1, min(per_rank, len(fits))).astype(int)
+    slots = np.zeros((world, per_rank, fits.shape[1] + 1))
+    slots[rank, :len(take), :-1] = fits[take]
+    slots[rank, :len(take), -1] = 1.0  # marks filled rows
+    gathered = collective.allreduce_sum([slots])[0].reshape(-1, fits.shape[1] + 1)
+    sample = gathered[gathered[:, -1] > 0.5, :-1]
+    center, spread = sample.mean(0), sample.std(0) + 1e-12
+    kmeans = KMeans(n_clusters=model.cfg.n_clusters, n_init=10, random_state=seed).fit((sample - center) / spread)
+    assign = kmeans.predict((fits - center) / spread)
+
+    curves = new_curve_statistics(model)
+    eye = np.eye(model.cfg.n_clusters)
+    start = 0
+    for batch in reader.iter_batches(batch_size, shuffle=False):
+        gamma = eye[assign[start:start + len(batch["index"])]]
+        start += len(batch["index"])
+        for n in names:
+            curves[n].add(**curve_statistics(gamma, batch[n].double().numpy()))
+    reduce_all(collective, [curves[n] for n in names])
+    apply_expert_solve(model, curves, ridge=0.0, noise="learned", noise_floor=model.cfg.expert_noise_floor)
+    if model.cfg.expert_noise == "fixed":
+        for n in names:
+            model.log_noise(n).fill_(float(np.log(model.cfg.expert_noise_std ** 2)))
+    counts = curves[names[0]]["s0"]
+    model.pi_logits.data.copy_(torch.as_tensor(np.log(m_step_weights(counts))))
+    return {"cluster_sizes": counts.tolist(), "kmeans_inertia": float(kmeans.inertia_)}

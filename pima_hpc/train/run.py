@@ -1,0 +1,75 @@
+"""Entry points that tie launcher, data, model, trainer and reports together (used by the CLI,
+Slurm scripts and Ray Tune)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pima_hpc.config import Config, load_config
+
+log = logging.getLogger("pima")
+
+
+def make_context(cfg: Config):
+    """The distributed context from the launcher's environment (one process when not launched)."""
+    try:
+        from pima_hpc.distributed import setup_distributed
+    except ImportError:
+        from pima_hpc.train.trainer import LocalContext
+        return LocalContext(), None, lambda ctx: None
+    from pima_hpc.distributed import shutdown
+    from pima_hpc.distributed.ddp import wrap_ddp
+    ctx = setup_distributed(device=cfg.device)
+    return ctx, (lambda m: wrap_ddp(m, ctx)), shutdown
+
+
+def train_from_config(cfg: Config, report=None) -> int:
+    """Train the configured stages; returns the process exit code (75 = checkpointed on a signal)."""
+    from pima_hpc.train.trainer import EXIT_REQUEUE, StopRequested, Trainer, summary_line
+
+    ctx, wrap, shutdown = make_context(cfg)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, ctx, wrap_ddp=wrap, report=report)
+        metrics = trainer.run()
+        if ctx.rank == 0:
+            print(f"run directory: {cfg.run_dir}")
+            print(summary_line(metrics) or "done")
+        return 0
+    except StopRequested as stop:
+        log.warning("checkpointed at %s after a signal; exiting with %d so the job can be requeued",
+                    stop, EXIT_REQUEUE)
+        return EXIT_REQUEUE
+    finally:
+        if trainer is not None:
+            trainer.close()
+        shutdown(ctx)
+
+
+def evaluate_run(run_dir: str, overrides: list[str] | None = None) -> dict:
+    """Reload a run's config and newest checkpoint, recompute metrics.json and the figures."""
+    from pima_hpc.train.trainer import Trainer, summary_line
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml", list(overrides or []) + [f"run_dir={run}"])
+    trainer = Trainer(cfg)
+    if not trainer.try_resume():
+        raise FileNotFoundError(f"run directory {str(run)!r} has no checkpoint to evaluate")
+    if trainer.state["stage"] == "multimodal":
+        log.warning("the run stopped during the multimodal stage; evaluating its latest checkpoint")
+    metrics = trainer.evaluate()
+    metrics["history"] = trainer.state["history"]
+    from pima_hpc.train.checkpoint import atomic_write_text
+    import json
+    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=1))
+    if cfg.figures:
+        from pima_hpc.evaluation.figures import write_figures
+        with torch.no_grad():
+            write_figures(trainer, metrics)
+    print(summary_line(metrics) or "evaluated")
+    return metrics

@@ -1,0 +1,536 @@
+"""One trainer for one process or many: Algorithm 1 (streaming EM + Adam), then Section 2.4.
+
+Per epoch: an EM pass in eval mode sets the cluster means (and optionally variances and
+weights) and solves the experts' least squares (eq 17); then Adam runs over this rank's batches
+on the rest. The first ``warmup_epochs`` take q(c) from the experts (eq 19) with the cluster means
+held at their initial positions, which pulls every sample's latent code to the cluster its physics
+says it belongs to; the paper's gamma = p(c|z) takes over afterwards.
+
+Distribution enters only through ``ctx`` (rank, world size, device, the collective) and an
+optional DDP wrapper supplied by :mod:`pima_hpc.distributed`; every loss is a per-sample mean
+over the GLOBAL batch, so the learning rate does not depend on batch size or rank count.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pima_hpc.collective import Collective
+from pima_hpc.config import Config, config_hash, save_config, to_dict
+from pima_hpc.data.loading import has_split, open_run_split
+from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label, table_metrics
+from pima_hpc.model.elbo import crossmodal_kl
+from pima_hpc.model.pima import PIMA, CrossModalEncoders, elbo_from_terms
+from pima_hpc.train import em
+from pima_hpc.train.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
+
+log = logging.getLogger("pima")
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; Slurm scripts requeue on it
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf; the last good checkpoint is kept."""
+
+
+class ResumeError(RuntimeError):
+    """A run directory whose checkpoint cannot continue this config."""
+
+
+class StopRequested(Exception):
+    """Raised after a signal-triggered checkpoint, so the CLI exits with EXIT_REQUEUE."""
+
+
+@dataclass
+class LocalContext:
+    """The single-process context (the distributed package supplies the multi-rank one)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    collective: Collective = None
+    is_distributed: bool = False
+
+    def __post_init__(self):
+        if self.collective is None:
+            self.collective = Collective()
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+
+class SignalFlag:
+    """SIGTERM/SIGUSR1 ask for a checkpoint at the end of the current step; a second one exits now."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        log.warning("received signal %d: will checkpoint after the current step and exit", signum)
+
+    def install(self):
+        try:
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread (e.g. inside some Ray workers): signals stay default
+            pass
+        return self
+
+    def uninstall(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+
+def _step_seed(*parts: int) -> int:
+    # A generator per (seed, stage, epoch, step, rank): exact resume needs no RNG state for the noise.
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)],
+            "python": list(random.getstate()[1]), "python_pos": random.getstate()[1][-1]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx=None, wrap_ddp=None, report=None):
+        """``wrap_ddp(module) -> module`` is applied to trainable networks when distributed;
+        ``report(stage, epoch, metrics)`` is called on every rank after each epoch (Ray Tune hooks in here).
+        """
+        self.cfg = cfg
+        self.ctx = ctx or LocalContext()
+        self.collective = self.ctx.collective
+        self.device = self.ctx.device
+        self.report = report
+        self.wrap_ddp = wrap_ddp if (wrap_ddp is not None and self.ctx.world_size > 1) else (lambda m: m)
+        self.run_dir = Path(cfg.run_dir)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+
+        rank, world = self.ctx.rank, self.ctx.world_size
+        self.train_data = open_run_split(cfg.data, "train", rank, world)
+        self.val_data = open_run_split(cfg.data, "val", rank, world) if has_split(cfg.data, "val") else None
+        self.test_data = open_run_split(cfg.data, "test", rank, world) if has_split(cfg.data, "test") else None
+        self.spec = self.train_data.spec
+
+        self.model = PIMA(self.spec, cfg.model).to(self.device)
+        if cfg.train.sync_batchnorm and world > 1:
+            self.model.encoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.encoders)
+            self.model.decoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.decoders)
+        # Closed-form EM replaces Adam for whatever it sets (otherwise the two would fight).
+        self.model.cluster_logvars.requires_grad_(not cfg.train.em_variances)
+        self.model.pi_logits.requires_grad_(not cfg.train.em_weights)
+        self.net = self.wrap_ddp(self.model)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
+                                          lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.crossmodal = None
+        self.xm_optimizer = None
+        self.curve_memory = None
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_checkpoints)
+        self.state = {"stage": "multimodal", "epoch": 0, "step": 0, "initialized": False, "warm": True,
+                      "history": [], "best_val_elbo": -math.inf, "init": {}}
+        self.signals = SignalFlag()
+
+    # ----- bookkeeping -------------------------------------------------------------------------
+    @property
+    def is_root(self) -> bool:
+        return self.ctx.rank == 0
+
+    def _progress(self, total, desc):
+        if self.is_root and self.cfg.train.progress:
+            from tqdm.auto import tqdm
+            return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        return None
+
+    def _payload(self) -> dict:
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": json.loads(json.dumps(self.state)),
+            "config_hash": config_hash(self.cfg),
+            "rng": _rng_state(),
+            "curve_memory": ({n: {k: torch.from_numpy(v) for k, v in st.values.items()}
+                              for n, st in self.curve_memory.items()} if self.curve_memory else None),
+        }
+        if self.crossmodal is not None:
+            payload["crossmodal"] = self.crossmodal.state_dict()
+            payload["xm_optimizer"] = self.xm_optimizer.state_dict()
+        return payload
+
+    def save(self, best: bool = False) -> None:
+        if self.is_root:
+            s = self.state
+            self.ckpt.save(self._payload(), f"ckpt-{s['stage']}-e{s['epoch']:04d}-s{s['step']:06d}", best)
+        self.collective.barrier()
+
+    def try_resume(self) -> bool:
+        """Continue from the run directory's newest good checkpoint, if it has one."""
+        found = self.ckpt.load_latest() if self.ckpt.exists() else None
+        if found is None:
+            return False
+        payload, path = found
+        if payload.get("config_hash") != config_hash(self.cfg):
+            raise ResumeError(f"run directory {str(self.run_dir)!r} holds a checkpoint of a different model or "
+                              f"dataset config ({path.name}); use a new run_dir or restore its config.yaml")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = payload["state"]
+        _set_rng_state(payload["rng"])
+        if payload.get("curve_memory"):
+            self.curve_memory = em.new_curve_statistics(self.model)
+            for n, vals in payload["curve_memory"].items():
+                self.curve_memory[n].set_arrays([v.numpy() for v in vals.values()])
+        if "crossmodal" in payload:
+            self._build_crossmodal()
+            self.crossmodal.load_state_dict(payload["crossmodal"])
+            self.xm_optimizer.load_state_dict(payload["xm_optimizer"])
+        log.info("resumed from %s (stage %s, epoch %d, step %d)", path, self.state["stage"],
+                 self.state["epoch"], self.state["step"])
+        return True
+
+    def _agree(self, flags: list[float]) -> np.ndarray:
+        """Combine per-rank flags (stop request, non-finite) so every rank takes the same branch."""
+        if self.ctx.world_size == 1:
+            return np.asarray(flags, dtype=np.float64)
+        return self.collective.allreduce_sum([np.asarray(flags, dtype=np.float64)])[0]
+
+    # ----- the multimodal stage ----------------------------------------------------------------
+    def initialise(self) -> None:
+        bs = self.cfg.train.batch_size * 4
+        if self.cfg.train.init == "experts" and self.model.curve_names:
+            info = em.initialise_from_experts(self.model, self.train_data, bs, self.collective, self.device,
+                                              self.cfg.seed)
+        else:
+            latent, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
+            if curves:
+                em.apply_expert_solve(self.model, curves, self.cfg.train.ridge, self.cfg.model.expert_noise,
+                                      self.cfg.model.expert_noise_floor)
+            info = {}
+        self.state["initialized"] = True
+        self.state["init"] = info
+
+    def closed_form_updates(self) -> None:
+        """The EM half of Algorithm 1 (eq 16 and optional variances/weights) and eq 17 for the experts.
+
+        During the warm-up the cluster means stay at their initial, well-separated positions, and
+        the warm-up ends (at least ``warmup_epochs``, at most ``max_warmup_epochs``) once the
+        latent code alone, p(c|z=mu), names the same cluster as q(c|X) on ``warmup_agreement`` of
+        the training set: an unsupervised check that the clusters have formed in latent space.
+        """
+        t = self.cfg.train
+        latent, curves = em.em_pass(self.model, self.train_data, t.batch_size * 4, self.collective, self.device,
+                                    self.curve_memory, t.rls_forgetting)
+        em.apply_expert_solve(self.model, curves, t.ridge, self.cfg.model.expert_noise,
+                              self.cfg.model.expert_noise_floor)
+        self.curve_memory = curves if t.rls_forgetting > 0 else None
+        agreement = float(latent["agree"] / max(float(latent["count"]), 1.0))
+        self.state.setdefault("agreement", []).append(agreement)
+        epoch = self.state["epoch"]
+        if self.state["warm"]:
+            self.state["warm"] = epoch < t.max_warmup_epochs and (
+                epoch < t.warmup_epochs or agreement < t.warmup_agreement)
+        if not self.state["warm"]:
+            em.apply_gmm_m_step(self.model, latent, t.em_variances, t.em_weights)
+
+    def _check_finite(self, terms: dict, loss: torch.Tensor, where: str) -> None:
+        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        if not torch.isfinite(loss):
+            bad.append("loss")
+        flag = self._agree([self.signals.requested, float(bool(bad))])
+        if flag[1] > 0:
+            raise NonFiniteError(f"non-finite values at {where} (terms: {', '.join(bad) or 'on another rank'}); "
+                                 f"the last good checkpoint in {self.run_dir / 'checkpoints'} is kept; "
+                                 "lower train.lr or check the data for NaN/Inf")
+        if flag[0] > 0:
+            self.save()
+            raise StopRequested(where)
+
+    def train_epoch(self, epoch: int) -> dict:
+        t, w = self.cfg.train, self.cfg.loss
+        warm = self.state["warm"]
+        self.model.train()
+        batches = self.train_data.batch_index_lists(t.batch_size, epoch, self.cfg.seed, shuffle=True)
+        counts = self.train_data.global_counts(t.batch_size)
+        sums = {}
+        bar = self._progress(len(batches), f"epoch {epoch + 1}/{t.epochs}")
+        start = self.state["step"]
+        if bar is not None:
+            bar.update(start)
+        for step in range(start, len(batches)):
+            batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
+            gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, 0, epoch, step, self.ctx.rank))
+            # Warm-up with the paper's p(c|z) needs the experts' opinion (eq 19): untrained encoders
+            # carry no cluster information yet. The joint q(c) already includes it.
+            use_experts = warm and self.cfg.model.cluster_posterior == "latent" and self.model.curve_names
+            q_c = self.model.expert_log_posterior(batch).exp().detach() if use_experts else None
+            terms = self.net(batch, gen, q_c)
+            per_sample = elbo_from_terms(terms, w.recon_weight, w.expert_weight, w.prior_weight)
+            # Sum over this rank's samples / global count, times world size: DDP's gradient average
+            # then equals the gradient of the per-sample mean over the global batch.
+            loss = -per_sample.sum() * (self.ctx.world_size / float(counts[step]))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.state["step"] = step + 1
+            with torch.no_grad():
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.sum())
+                sums["elbo"] = sums.get("elbo", 0.0) + float(per_sample.sum())
+            self._check_finite(terms, loss, f"stage multimodal, epoch {epoch + 1}, step {step + 1}")
+            if bar is not None:
+                bar.update(1)
+                if step % t.log_every == 0:
+                    bar.set_postfix(loss=f"{float(loss) / self.ctx.world_size:.3f}")
+        if bar is not None:
+            bar.close()
+        keys = sorted(sums)
+        totals = self.collective.allreduce_sum([np.array([sums.get(k, 0.0) for k in keys] + [len(self.train_data)])])[0]
+        return {f"train_{k}": float(v / totals[-1]) for k, v in zip(keys, totals[:-1])}
+
+    @torch.no_grad()
+    def validation_elbo(self, reader) -> float:
+        """Mean per-sample ELBO on a split with fixed noise draws (the unsupervised selection metric)."""
+        self.model.eval()
+        total = 0.0
+        for i, idx in enumerate(reader.batch_index_lists(self.cfg.train.batch_size * 4, shuffle=False)):
+            batch = em.to_device(reader.read_batch(idx), self.device)
+            gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, 99, i, self.ctx.rank))
+            total += float(elbo_from_terms(self.model(batch, gen)).sum())
+        s = self.collective.allreduce_sum([np.array([total, len(reader)])])[0]
+        self.model.train()
+        return float(s[0] / s[1])
+
+    def fit_multimodal(self) -> None:
+        t = self.cfg.train
+        if not self.state["initialized"]:
+            self.initialise()
+            self.save()
+        while self.state["stage"] == "multimodal" and self.state["epoch"] < t.epochs:
+            epoch = self.state["epoch"]
+            tic = time.perf_counter()
+            if self.state["step"] == 0 and epoch > 0:
+                self.closed_form_updates()
+            metrics = self.train_epoch(epoch)
+            metrics["epoch"] = epoch + 1
+            metrics["seconds"] = time.perf_counter() - tic
+            # Validation on the model as it will be used: means re-estimated by EM first.
+            if self.val_data is not None:
+                metrics["val_elbo"] = self.validation_elbo(self.val_data)
+                if self.val_data.labels() is not None and self.spec.label_names:
+                    metrics["val_accuracy"] = self.quick_accuracy(self.val_data)
+            self.state["history"].append(metrics)
+            self.state["epoch"], self.state["step"] = epoch + 1, 0
+            best = metrics.get("val_elbo", -math.inf) > self.state["best_val_elbo"]
+            if best:
+                self.state["best_val_elbo"] = metrics["val_elbo"]
+            if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
+                self.save(best=best)
+            if self.is_root:
+                log.info("epoch %d/%d  %s", epoch + 1, t.epochs,
+                         "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            if self.report:
+                self.report("multimodal", epoch + 1, metrics)
+        if self.state["stage"] == "multimodal":
+            self.state["warm"] = False
+            # Final closed-form pass so the saved model's means and experts match its encoders.
+            self.closed_form_updates()
+            self.state["stage"] = "crossmodal" if "crossmodal" in self.cfg.stages else "done"
+            self.state["epoch"], self.state["step"] = 0, 0
+            self.save()
+
+    # ----- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def cluster_table(self, reader, predict) -> np.ndarray:
+        """Global contingency table (clusters x labels) of ``predict(batch) -> clusters`` on a split."""
+        self.model.eval()
+        c, k = self.cfg.model.n_clusters, len(self.spec.label_names)
+        table = np.zeros((c, k))
+        for idx in reader.batch_index_lists(self.cfg.train.batch_size * 4, shuffle=False):
+            batch = em.to_device(reader.read_batch(idx), self.device)
+            clusters = predict(batch).cpu().numpy()
+            table += contingency(clusters, batch["label"].cpu().numpy(), c, k)
+        return self.collective.allreduce_sum([table])[0]
+
+    def quick_accuracy(self, reader) -> float:
+        table = self.cluster_table(reader, self.model.predict)
+        return table_metrics(table, fit_cluster_to_label(table))["accuracy"]
+
+    def evaluate_predictor(self, predict) -> dict:
+        """Metrics per split; the cluster -> label map is fitted on train and reused for val and test."""
+        out = {}
+        train_table = self.cluster_table(self.train_data, predict)
+        mapping = fit_cluster_to_label(train_table)
+        out["mapping"] = mapping.tolist()
+        for name, reader in (("train", self.train_data), ("val", self.val_data), ("test", self.test_data)):
+            if reader is not None:
+                table = train_table if name == "train" else self.cluster_table(reader, predict)
+                out[name] = table_metrics(table, mapping)
+        return out
+
+    def predictors(self) -> dict:
+        """Every way the toolkit assigns clusters: multimodal, each cross-modal encoder, eqs 19-20."""
+        preds = {"multimodal": self.model.predict}
+        for name in self.model.curve_names:
+            preds[f"bayes_{name}"] = lambda b, n=name: self._bayes_curve(b, n)
+        if self.crossmodal is not None:
+            for name in self.spec.names:
+                preds[f"crossmodal_{name}"] = lambda b, n=name: self.crossmodal_predict(b, n)
+        return preds
+
+    def _bayes_curve(self, batch, name):
+        sub = {n: batch[n] for n in self.model.curve_names if n == name}
+        joint = self.model.log_pi()
+        from pima_hpc.model.elbo import expert_log_likelihood
+        joint = joint + expert_log_likelihood(sub[name], self.model.expert_curves(name), self.model.log_noise(name))
+        return joint.argmax(-1)
+
+    def evaluate(self) -> dict:
+        metrics = {}
+        if self.spec.label_names and self.train_data.labels() is not None:
+            for key, predict in self.predictors().items():
+                metrics[key] = self.evaluate_predictor(predict)
+        metrics["experts"] = {n: self.model.experts[n].describe(self.model.theta(n)) for n in self.model.curve_names}
+        metrics["expert_noise_std"] = {n: self.model.log_noise(n).exp().sqrt().tolist() for n in self.model.curve_names}
+        metrics["cluster_weights"] = self.model.log_pi().exp().tolist()
+        return metrics
+
+    # ----- the cross-modal stage (Section 2.4, eq 18) ------------------------------------------
+    def _build_crossmodal(self) -> None:
+        torch.manual_seed(self.cfg.seed + 1)
+        self.crossmodal = CrossModalEncoders(self.spec, self.cfg.model).to(self.device)
+        self.xm_net = self.wrap_ddp(self.crossmodal)
+        self.xm_optimizer = torch.optim.Adam(self.crossmodal.parameters(), lr=self.cfg.crossmodal.lr)
+
+    @torch.no_grad()
+    def crossmodal_predict(self, batch, name):
+        mu, _ = self.crossmodal(name, batch[name])
+        return self.model.log_responsibilities(mu).argmax(-1)
+
+    def fit_crossmodal(self) -> None:
+        x = self.cfg.crossmodal
+        if self.crossmodal is None:
+            self._build_crossmodal()
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        while self.state["stage"] == "crossmodal" and self.state["epoch"] < x.epochs:
+            epoch = self.state["epoch"]
+            tic = time.perf_counter()
+            self.crossmodal.train()
+            batches = self.train_data.batch_index_lists(x.batch_size, epoch, self.cfg.seed + 7, shuffle=True)
+            counts = self.train_data.global_counts(x.batch_size)
+            bar = self._progress(len(batches), f"cross-modal {epoch + 1}/{x.epochs}")
+            kl_sum = np.zeros(len(self.spec.names))
+            for step in range(self.state["step"], len(batches)):
+                batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
+                with torch.no_grad():
+                    mu, logvar = self.model.encode(batch)
+                # The encoders' losses are independent, so one Adam over all of them equals the
+                # paper's sequential per-modality training, with one pass over the data.
+                kls = [crossmodal_kl(mu, logvar, *self.xm_net(name, batch[name])) for name in self.spec.names]
+                loss = sum(k.sum() for k in kls) * (self.ctx.world_size / float(counts[step]))
+                self.xm_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.xm_optimizer.step()
+                self.state["step"] = step + 1
+                kl_sum += [float(k.sum()) for k in kls]
+                self._check_finite({f"kl_{n}": k for n, k in zip(self.spec.names, kls)}, loss,
+                                   f"stage crossmodal, epoch {epoch + 1}, step {step + 1}")
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            tot = self.collective.allreduce_sum([np.append(kl_sum, len(self.train_data))])[0]
+            metrics = {f"kl_{n}": float(v / tot[-1]) for n, v in zip(self.spec.names, tot[:-1])}
+            metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - tic)
+            self.state["history"].append({"stage": "crossmodal", **metrics})
+            self.state["epoch"], self.state["step"] = epoch + 1, 0
+            self.save()
+            if self.is_root:
+                log.info("cross-modal epoch %d/%d  %s", epoch + 1, x.epochs,
+                         "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            if self.report:
+                self.report("crossmodal", epoch + 1, metrics)
+        if self.state["stage"] == "crossmodal":
+            self.state["stage"] = "done"
+            self.save()
+
+    # ----- the whole run -----------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train the configured stages (resuming if the run directory has a checkpoint) and evaluate."""
+        tic = time.perf_counter()
+        if self.is_root:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.collective.barrier()
+        self.try_resume()
+        self.signals.install()
+        try:
+            if "multimodal" in self.cfg.stages and self.state["stage"] == "multimodal":
+                self.fit_multimodal()
+            elif self.state["stage"] == "multimodal":
+                raise ResumeError(f"stage 'crossmodal' needs a trained multimodal model in {str(self.run_dir)!r}; "
+                                  "run with stages=[multimodal,crossmodal] first")
+            if "crossmodal" in self.cfg.stages and self.state["stage"] in ("crossmodal", "done"):
+                if self.state["stage"] == "done" and self.crossmodal is None:
+                    self.state["stage"], self.state["epoch"], self.state["step"] = "crossmodal", 0, 0
+                self.fit_crossmodal()
+        finally:
+            self.signals.uninstall()
+        metrics = self.evaluate()
+        metrics["history"] = self.state["history"]
+        metrics["init"] = self.state["init"]
+        metrics["wall_seconds_this_process"] = time.perf_counter() - tic
+        metrics["world_size"] = self.ctx.world_size
+        if self.is_root:
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+            if self.cfg.figures:
+                from pima_hpc.evaluation.figures import write_figures
+                write_figures(self, metrics)
+        self.collective.barrier()
+        return metrics
+
+    def close(self) -> None:
+        """Drop the networks before the process group goes (avoids a rare gloo abort at exit)."""
+        self.net = self.xm_net = self.optimizer = self.xm_optimizer = None
+        gc.collect()
+
+
+def summary_line(metrics: dict) -> str:
+    parts = []
+    for key in ("multimodal", "crossmodal_image", "crossmodal_curve", "bayes_curve"):
+        if key in metrics and "test" in metrics[key]:
+            parts.append(f"{key} test acc {100 * metrics[key]['test']['accuracy']:.2f}%")
+    return "; ".join(parts)

@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# Bring up a real single-node Slurm cluster (munged + slurmctld + slurmd) without systemd.
+#
+# Everything lives in one state directory ($PIMA_SLURM_DIR, default /tmp/pima-slurm): the
+# slurm.conf, a private munge key and socket, pid files, logs and spool/state dirs. The
+# daemons run in the background and are stopped by tools/ci/slurm_down.sh (by pid file).
+# The script is idempotent: if the cluster in that directory is already up and answering,
+# it only re-checks it. On success it writes $PIMA_SLURM_DIR/env.sh, which clients source:
+#
+#     tools/ci/slurm_up.sh && . /tmp/pima-slurm/env.sh && sinfo
+#
+# Environment (all optional):
+#   PIMA_SLURM_DIR           state directory                          [/tmp/pima-slurm]
+#   PIMA_SLURMCTLD_PORT      slurmctld port (non-default on purpose)  [16817]
+#   PIMA_SLURMD_PORT         slurmd port                              [16818]
+#   PIMA_SLURM_PARTITION     name of the single (default) partition   [debug]
+#   PIMA_SLURM_CPUS          CPUs of the node         [getconf _NPROCESSORS_ONLN]
+#   PIMA_SLURM_WAIT          seconds to wait for the node to be idle  [90]
+#   PIMA_SLURM_CRED_EXPIRE   step credential lifetime; also how long a requeued job waits
+#                            before it may start again (Slurm's default is 120)  [30]
+#   PIMA_SLURM_NO_INSTALL=1  never call apt-get (fail if the packages are missing)
+set -euo pipefail
+
+die() {
+    echo "slurm_up: error: $*" >&2
+    exit 1
+}
+log() { echo "slurm_up: $*" >&2; }
+
+STATE_DIR=${PIMA_SLURM_DIR:-/tmp/pima-slurm}
+CTLD_PORT=${PIMA_SLURMCTLD_PORT:-16817}
+SLURMD_PORT=${PIMA_SLURMD_PORT:-16818}
+PARTITION=${PIMA_SLURM_PARTITION:-debug}
+WAIT_S=${PIMA_SLURM_WAIT:-90}
+CRED_EXPIRE=${PIMA_SLURM_CRED_EXPIRE:-30}
+NODE=$(hostname -s)
+CPUS=${PIMA_SLURM_CPUS:-$(getconf _NPROCESSORS_ONLN)}
+
+case $STATE_DIR in
+    /*) ;;
+    *) STATE_DIR=$PWD/$STATE_DIR ;;
+esac
+for v in CTLD_PORT SLURMD_PORT WAIT_S CRED_EXPIRE CPUS; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
+
+CONF=$STATE_DIR/slurm.conf
+MUNGE_DIR=$STATE_DIR/munge           # socket + pid + seed: mode 755 (clients must reach the socket)
+MUNGE_KEY_DIR=$STATE_DIR/munge-key   # the key: mode 700
+MUNGE_SOCKET=$MUNGE_DIR/munge.socket.2
+LOG_DIR=$STATE_DIR/log
+RUN_DIR=$STATE_DIR/run
+ENV_FILE=$STATE_DIR/env.sh
+
+# --- 1. packages -------------------------------------------------------------------------
+install_packages() {
+    local missing=()
+    command -v munged >/dev/null || missing+=(munge)
+    command -v slurmctld >/dev/null || missing+=(slurmctld)
+    command -v slurmd >/dev/null || missing+=(slurmd)
+    command -v sbatch >/dev/null || missing+=(slurm-client)
+    ((${#missing[@]} == 0)) && return 0
+    [[ ${PIMA_SLURM_NO_INSTALL:-0} == 1 ]] && die "missing packages: ${missing[*]} (PIMA_SLURM_NO_INSTALL=1)"
+    ((EUID == 0)) || die "missing packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}"
+    command -v apt-get >/dev/null || die "missing packages: ${missing[*]} and no apt-get on this machine"
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Only refresh the package lists when the packages are not installable from the cached ones.
+    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >"$STATE_DIR/apt.log" 2>&1; then
+        log "apt-get install failed with the cached package lists; running apt-get update"
+        apt-get update -q >>"$STATE_DIR/apt.log" 2>&1 || { cat "$STATE_DIR/apt.log" >&2; die "apt-get update failed"; }
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$STATE_DIR/apt.log" 2>&1 ||
+            { tail -n 30 "$STATE_DIR/apt.log" >&2; die "apt-get install ${missing[*]} failed (log: $STATE_DIR/apt.log)"; }
+    fi
+    # Debian's maintainer scripts may start munged on the default socket; it is not ours,
+    # it is harmless, and we leave it alone.
+}
+
+# --- helpers ---------------------------------------------------------------------------
+pid_alive() { # pid_alive PIDFILE -> 0 when the pid in PIDFILE is a running process
+    local pid
+    [[ -s $1 ]] || return 1
+    pid=$(<"$1")
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
+node_state() {
+    SLURM_CONF=$CONF sinfo -h -N -n "$NODE" -o '%t' 2>/dev/null | head -n 1
+}
+
+dump_logs() {
+    local f
+    for f in "$LOG_DIR"/munged.log "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log; do
+        [[ -f $f ]] || continue
+        echo "----- last lines of $f -----" >&2
+        tail -n 40 "$f" >&2
+    done
+}
+
+write_env_file() {
+    # Written last, atomically: its presence means "the cluster came up at least once".
+    cat >"$ENV_FILE.tmp" <<EOF
+# Source this to talk to the single-node Slurm cluster started by tools/ci/slurm_up.sh.
+export SLURM_CONF=$CONF
+export PIMA_SLURM_DIR=$STATE_DIR
+export PIMA_SLURM_PARTITION=$PARTITION
+EOF
+    mv -f "$ENV_FILE.tmp" "$ENV_FILE"
+}
+
+mkdir -p "$STATE_DIR"
+install_packages
+
+# --- 0. already up? ---------------------------------------------------------------------
+if pid_alive "$RUN_DIR/munged.pid" && pid_alive "$RUN_DIR/slurmctld.pid" && pid_alive "$RUN_DIR/slurmd.pid"; then
+    state=$(node_state || true)
+    if [[ $state =~ ^(idle|mix|alloc|comp) ]]; then
+        write_env_file
+        log "already up in $STATE_DIR (node $NODE is $state)"
+        echo "export SLURM_CONF=$CONF"
+        exit 0
+    fi
+    log "daemons are running but node $NODE is '${state:-unknown}'; restarting them"
+fi
+# Anything half-up from an earlier attempt goes first, so the pid files describe this run.
+"$(dirname "${BASH_SOURCE[0]}")/slurm_down.sh" --quiet || true
+
+# --- 2. directories, munge key, slurm.conf -------------------------------------------------
+SLURM_USER=$(id -un)
+mkdir -p "$MUNGE_DIR" "$MUNGE_KEY_DIR" "$LOG_DIR" "$RUN_DIR" "$STATE_DIR/ctld-state" "$STATE_DIR/slurmd-spool"
+chmod 755 "$STATE_DIR" "$MUNGE_DIR"
+chmod 700 "$MUNGE_KEY_DIR"
+if [[ ! -s $MUNGE_KEY_DIR/munge.key ]]; then
+    # A private key per cluster; 1024 random bytes is what mungekey(8) creates by default.
+    (umask 077 && head -c 1024 /dev/urandom >"$MUNGE_KEY_DIR/munge.key.tmp")
+    mv -f "$MUNGE_KEY_DIR/munge.key.tmp" "$MUNGE_KEY_DIR/munge.key"
+fi
+chmod 400 "$MUNGE_KEY_DIR/munge.key"
+
+cat >"$CONF.tmp" <<EOF
+# Generated by tools/ci/slurm_up.sh; regenerated on every start. Single node, no cgroups,
+# no accounting, no systemd: just enough of a real cluster to run sbatch/srun/scontrol.
+ClusterName=pima-ci
+SlurmctldHost=$NODE
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=$SLURM_USER
+SlurmdUser=$SLURM_USER
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
+StateSaveLocation=$STATE_DIR/ctld-state
+SlurmdSpoolDir=$STATE_DIR/slurmd-spool
+SlurmctldPidFile=$RUN_DIR/slurmctld.pid
+SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+ReturnToService=2
+JobRequeue=1
+# Keep finished jobs visible to 'scontrol show job' (there is no sacct without accounting).
+MinJobAge=3600
+KillWait=30
+InactiveLimit=0
+Waittime=0
+SlurmctldTimeout=60
+SlurmdTimeout=60
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
+PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+mv -f "$CONF.tmp" "$CONF"
+export SLURM_CONF=$CONF
+
+# --- 3. daemons --------------------------------------------------------------------------
+log "starting munged (socket $MUNGE_SOCKET)"
+munged --socket="$MUNGE_SOCKET" --key-file="$MUNGE_KEY_DIR/munge.key" \
+    --pid-file="$RUN_DIR/munged.pid" --log-file="$LOG_DIR/munged.log" \
+    --seed-file="$MUNGE_DIR/munged.seed" ||
+    { dump_logs; die "munged failed to start"; }
+for _ in $(seq 50); do
+    [[ -S $MUNGE_SOCKET ]] && break
+    sleep 0.1
+done
+[[ -S $MUNGE_SOCKET ]] || { dump_logs; die "munged did not create its socket $MUNGE_SOCKET"; }
+if command -v munge >/dev/null && command -v unmunge >/dev/null; then
+    munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET" >/dev/null ||
+        { dump_logs; die "munge round trip through $MUNGE_SOCKET failed"; }
+fi
+
+log "starting slurmctld (port $CTLD_PORT)"
+slurmctld -f "$CONF" || { dump_logs; die "slurmctld failed to start"; }
+log "starting slurmd (node $NODE, $CPUS CPUs, port $SLURMD_PORT)"
+slurmd -f "$CONF" || { dump_logs; die "slurmd failed to start"; }
+
+# --- 4. wait for the node ---------------------------------------------------------------
+deadline=$((SECONDS + WAIT_S))
+state=""
+while ((SECONDS < deadline)); do
+    state=$(node_state || true)
+    case $state in
+        idle* | mix* | alloc*) break ;;
+        drain* | down* | fail*)
+            # A node recovered as DOWN from an earlier (killed) run comes back once.
+            SLURM_CONF=$CONF scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
+    esac
+    for f in munged slurmctld slurmd; do
+        pid_alive "$RUN_DIR/$f.pid" || { dump_logs; die "$f exited during start-up (logs above, all in $LOG_DIR)"; }
+    done
+    sleep 1
+done
+if [[ ! $state =~ ^(idle|mix|alloc) ]]; then
+    SLURM_CONF=$CONF scontrol show node "$NODE" >&2 2>/dev/null || true
+    dump_logs
+    die "node $NODE not idle after ${WAIT_S}s (state '${state:-no answer from slurmctld}'; logs above, all in $LOG_DIR)"
+fi
+
+write_env_file
+log "up: node $NODE is $state; partition $PARTITION; source $ENV_FILE"
+echo "export SLURM_CONF=$CONF"
