@@ -74,8 +74,11 @@ class ModelConfig:
     expert_noise_floor: float = 0.01
     # q(c|X) in the ELBO: "joint" (mean-field optimum incl. the expert likelihood) or "latent" (paper's p(c|z)).
     cluster_posterior: str = "joint"
-    # Initial spread of the cluster means in latent space (before the first EM pass).
+    # Initial cluster means: distance between the closest pair (expert init) or the radius they
+    # are spread on (random init), in latent units.
     cluster_init_scale: float = 3.0
+    # "spread": farthest points on a sphere; "physics": laid out like the clusters' expert fits.
+    cluster_init_layout: str = "spread"
 
     def __post_init__(self):
         _check(self.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {self.latent_dim}")
@@ -84,6 +87,7 @@ class ModelConfig:
             ch = getattr(self, key)
             _check(len(ch) >= 1 and all(c >= 1 for c in ch), f"model.{key}",
                    f"must be a non-empty list of positive ints, got {list(ch)}")
+        _choice(self.cluster_init_layout, "model.cluster_init_layout", ("spread", "physics"))
         _choice(self.cluster_posterior, "model.cluster_posterior", ("joint", "latent"))
         _choice(self.expert_noise, "model.expert_noise", ("learned", "fixed"))
         _check(self.expert_noise_std > 0, "model.expert_noise_std", "must be > 0")

@@ -29,7 +29,7 @@ import torch
 
 from pima_hpc.data.base import SplitReader, batch_sizes, rank_block
 from pima_hpc.data.errors import DataError
-from pima_hpc.data.layout import (LABEL, STORAGE_DTYPES, TRUTH_GROUP, UINT8_SCALE, DatasetInfo, check_part,
+from pima_hpc.data.layout import (LABEL, STORAGE_DTYPES, TRUTH_GROUP, UINT8_DIVISOR, DatasetInfo, check_part,
                                   describe, list_splits, open_h5, read_rows, stored_bytes_per_sample)
 
 IN_MEMORY_LIMIT = 1 << 30          # "auto": load the rank's part if its stored size is below this
@@ -111,6 +111,7 @@ class H5SplitReader(SplitReader):
                           if p.offset < self.stop and p.offset + p.count > self.start]
         self._sample_bytes = stored_bytes_per_sample(info)
         self._files: dict[int, object] = {}
+        self._datasets: dict[tuple, object] = {}
         self._pid = None
         self._mem: dict[str, np.ndarray] | None = None
         if info.sharded:  # check the shards this rank reads against the manifest, before any fork
@@ -127,24 +128,36 @@ class H5SplitReader(SplitReader):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"], state["_pid"] = {}, None
+        state["_files"], state["_datasets"], state["_pid"] = {}, {}, None
         return state
 
     def _file(self, i: int):
         if self._pid != os.getpid():  # first use, or a forked child: never reuse inherited handles
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._datasets, self._pid = {}, {}, os.getpid()
         f = self._files.get(i)
         if f is None:
-            cache = max(1 << 20, SHUFFLE_WINDOW_BYTES // max(1, len(self._my_parts)))
+            # room for this file's share of a shuffle window, with slack for uneven shares
+            cache = (1 << 20) + 2 * SHUFFLE_WINDOW_BYTES // max(1, len(self._my_parts))
             f = self._files[i] = open_h5(self.parts[i].file, rdcc_nbytes=cache, rdcc_nslots=100003)
         return f
+
+    def _dataset(self, i: int, name: str):
+        """The open dataset ``name`` of part ``i``, kept open: HDF5's chunk cache lives as long as
+        the dataset handle, so reopening it per batch would decompress every chunk again."""
+        f = self._file(i)
+        key = (i, name)
+        ds = self._datasets.get(key)
+        if ds is None:
+            ds = self._datasets[key] = f[self.split][name]
+        return ds
 
     def close(self) -> None:
         """Close this process's file handles (they reopen on the next read)."""
         if self._pid == os.getpid():
+            self._datasets.clear()
             for f in self._files.values():
                 f.close()
-        self._files, self._pid = {}, None
+        self._files, self._datasets, self._pid = {}, {}, None
 
     @property
     def in_memory(self) -> bool:
@@ -179,8 +192,7 @@ class H5SplitReader(SplitReader):
             for i in np.unique(part_of):
                 sel = np.flatnonzero(part_of == i)
                 local = idx[sel] - self._offsets[i]
-                f = self._file(int(i))
-                ds = f[self.split][name]
+                ds = self._dataset(int(i), name)
                 if res is None:
                     res = np.empty((len(idx), *ds.shape[1:]), dtype=dtype or ds.dtype)
                 ck = local // self.chunk_rows
@@ -208,7 +220,7 @@ class H5SplitReader(SplitReader):
         out = {}
         for k, v in raw.items():
             if k != LABEL and v.dtype == np.uint8:
-                v = v.astype(np.float32) * UINT8_SCALE
+                v = v.astype(np.float32) / UINT8_DIVISOR  # correctly rounded code / 255
             if order is not None:
                 v = v[np.argsort(order)]
             out[k] = v

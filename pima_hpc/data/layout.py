@@ -34,7 +34,7 @@ TRUTH_GROUP = "truth"
 # used when the training split spans the full 8-bit range, so the code is exactly the fitted
 # min-max normalisation (Appendix A, ERRATA 7) and storage is lossless.
 STORAGE_DTYPES = {"float32": np.dtype(np.float32), "uint8": np.dtype(np.uint8)}
-UINT8_SCALE = np.float32(1.0 / 255.0)
+UINT8_DIVISOR = np.float32(255.0)
 
 # Normalisations, all fitted on the training split: "minmax" maps [min, max] to [0, 1];
 # "zero-max" maps [0, max] to [0, 1] (offset 0), so a law through the origin stays linear.
@@ -231,7 +231,9 @@ def _describe_file(path: Path) -> DatasetInfo:
         spec = spec_from_meta(metas, label_names, {"name": provenance.get("name", path.stem)}, path)
         storage = {m["name"]: m["storage"] for m in metas}
         splits = {}
-        for s in [k for k in f.keys() if k != META_GROUP]:
+        order = _json_attr(f.attrs, "split_order", [])
+        present = [k for k in f.keys() if k != META_GROUP]
+        for s in [k for k in order if k in present] + [k for k in present if k not in order]:
             count, rows, has_labels, truth = _check_split_group(f[s], spec, storage, path)
             splits[s] = SplitInfo(s, count, rows, [Part(path, count, 0)], has_labels, truth)
     if not splits:

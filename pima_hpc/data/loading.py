@@ -20,6 +20,6 @@ def has_split(cfg: DataConfig, split: str) -> bool:
     """Whether the dataset holds ``split`` (HDF5 datasets may lack a validation or test split)."""
     if cfg.source == "digits":
         return True
-    from pima_hpc.data.hdf5 import list_splits
+    from pima_hpc.data.layout import list_splits
     name = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}[split]
     return name in list_splits(cfg.path)

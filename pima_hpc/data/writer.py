@@ -236,6 +236,7 @@ class DatasetWriter:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["complete"] = False
         f.attrs["modality_order"] = json.dumps(self.names)
+        f.attrs["split_order"] = json.dumps(list(self.splits))
         if self.label_names is not None:
             f.attrs["label_names"] = json.dumps(self.label_names)
         f.attrs["provenance"] = json.dumps(self.provenance, default=str)

@@ -34,6 +34,8 @@ import zlib
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from pima_hpc.collective import Collective
 
@@ -105,25 +107,20 @@ class TorchCollective(Collective):
     """Float64 sums through a torch.distributed group that can hold CPU tensors (gloo).
 
     ``group`` is the gloo group: the default group when the backend is gloo, or the extra gloo
-    group created beside NCCL (NCCL neither reduces CPU tensors nor is it bitwise reproducible
-    for float64 reductions). Timeouts come from the group (``timeout_s`` of setup_distributed).
+    group created beside NCCL (NCCL only reduces GPU tensors, and these statistics are small
+    float64 numpy arrays). Timeouts come from the group (``timeout_s`` of setup_distributed).
     """
 
     def __init__(self, group: Any = None, exact: bool = True):
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             raise DistributedSetupError("TorchCollective needs an initialised torch.distributed process group; "
                                         "create it with pima_hpc.distributed.setup_distributed()")
-        self._dist = dist
         self.group = group
         self.exact = exact
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
 
     def allreduce_sum(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        import torch
-
         if len(arrays) == 0:
             return []
         buf, shapes = _pack(arrays)
@@ -131,25 +128,25 @@ class TorchCollective(Collective):
             gathered = np.empty((self.world_size, buf.size), dtype=np.float64)
             out = torch.from_numpy(gathered)
             # all_gather into row views of one buffer: no per-rank allocation or copy afterwards.
-            self._dist.all_gather(list(out.unbind(0)), torch.from_numpy(buf), group=self.group)
+            dist.all_gather(list(out.unbind(0)), torch.from_numpy(buf), group=self.group)
             _check_signatures(gathered[:, 0], buf[0], self.rank, shapes)
             total = _sum_in_rank_order(gathered)
         else:
             sig = buf[0]
-            self._dist.all_reduce(torch.from_numpy(buf), op=self._dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(torch.from_numpy(buf), op=dist.ReduceOp.SUM, group=self.group)
             if buf[0] != sig * self.world_size:
                 raise _shape_mismatch(self.rank, shapes, "another rank")
             total = buf
         return _unpack(total, shapes)
 
     def barrier(self) -> None:
-        self._dist.barrier(group=self.group)
+        dist.barrier(group=self.group)
 
     def broadcast_object(self, obj, root: int = 0):
         _check_root(root, self.world_size)
         box = [obj if self.rank == root else None]
         # src is a global rank; the statistics group always spans every rank, so they coincide.
-        self._dist.broadcast_object_list(box, src=root, group=self.group)
+        dist.broadcast_object_list(box, src=root, group=self.group)
         return box[0]
 
     def close(self) -> None:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -232,8 +232,9 @@ def _mpi_vars(env: Mapping[str, str]) -> Optional[tuple[str, int, Optional[int],
                 _first_int(env, ("MPI_LOCALRANKID",), who), _first_int(env, ("MPI_LOCALNRANKS",), who))
     if "PMIX_RANK" in env:
         who = "a PMIx launcher"
-        return ("pmix", _int(env, "PMIX_RANK", who), None,
-                _first_int(env, ("PMIX_LOCAL_RANK",), who), _first_int(env, ("PMIX_LOCAL_SIZE",), who))
+        # PMIx publishes sizes through its API, not the environment: take the generic hints.
+        return ("pmix", _int(env, "PMIX_RANK", who), _first_int(env, ("WORLD_SIZE",), who),
+                _first_int(env, ("LOCAL_RANK",), who), _first_int(env, ("LOCAL_WORLD_SIZE",), who))
     return None
 
 
@@ -287,7 +288,10 @@ def _slurm_step(env: Mapping[str, str]) -> Optional[dict]:
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
     node_id = _first_int(env, ("SLURM_NODEID",), who)
     if per_node:
-        counts = parse_tasks_per_node(per_node)
+        try:
+            counts = parse_tasks_per_node(per_node)
+        except ValueError as exc:
+            raise DistributedSetupError(f"srun's SLURM_[STEP_]TASKS_PER_NODE: {exc}") from None
         if node_id is not None and node_id < len(counts):
             local_world = counts[node_id]
     return {"rank": _int(env, "SLURM_PROCID", who), "world": world,
@@ -300,7 +304,10 @@ def _slurm_master(env: Mapping[str, str], world: int, who: str, use_scontrol: bo
     if addr is None:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if nodelist:
-            addr = first_host(nodelist, use_scontrol=use_scontrol)
+            try:
+                addr = first_host(nodelist, use_scontrol=use_scontrol)
+            except ValueError as exc:
+                raise DistributedSetupError(f"srun's nodelist: {exc}; set MASTER_ADDR") from None
         elif world > 1:
             raise DistributedSetupError("srun launch without SLURM_JOB_NODELIST/SLURM_NODELIST: set MASTER_ADDR")
     if port is None:
@@ -341,8 +348,6 @@ def detect_launcher(env: Optional[Mapping[str, str]] = None, *, use_scontrol: bo
         flavour, rank, size, local_rank, local_size = mpi
         who = {"openmpi": "Open MPI's mpirun (OMPI_COMM_WORLD_*)", "mpich": "mpiexec (PMI_RANK/PMI_SIZE)",
                "pmix": "a PMIx launcher (PMIX_RANK)"}[flavour]
-        if size is None:
-            size = _first_int(env, ("WORLD_SIZE",), who)
         if size is None:
             raise DistributedSetupError(f"{who} gave this process rank {rank} but no world size; "
                                         "set WORLD_SIZE, or launch with mpirun/mpiexec/srun")
@@ -409,8 +414,6 @@ def _pick_device(device: str, info: LaunchInfo) -> torch.device:
 
 
 def _pick_backend(backend: str, dev: torch.device) -> str:
-    if backend not in ("auto", "gloo", "nccl"):
-        raise DistributedSetupError(f"backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
     if backend == "auto":
         return "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
@@ -496,6 +499,8 @@ def setup_distributed(backend: str = "auto", collective: str = "auto", timeout_s
     """
     if timeout_s <= 0:
         raise DistributedSetupError(f"timeout_s must be > 0, got {timeout_s}")
+    if backend not in ("auto", "gloo", "nccl"):
+        raise DistributedSetupError(f"backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
     info = detect_launcher(env)
     configure_logging(info.rank)
     dev = _pick_device(device, info)
@@ -526,8 +531,9 @@ def setup_distributed(backend: str = "auto", collective: str = "auto", timeout_s
         comm = import_mpi().COMM_WORLD  # only to agree on the rendezvous
 
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
-    if info.launcher == "torchrun":
-        # env:// lets torchrun's agent store serve the rendezvous (TORCHELASTIC_USE_AGENT_STORE).
+    if info.launcher == "torchrun" and env is None:
+        # env:// lets torchrun's agent store serve the rendezvous (TORCHELASTIC_USE_AGENT_STORE):
+        # the agent already listens on MASTER_PORT, so rank 0 must not open a store there itself.
         addr = info.master_addr
         kwargs["init_method"] = "env://"
     else:
@@ -539,12 +545,8 @@ def setup_distributed(backend: str = "auto", collective: str = "auto", timeout_s
     _use_loopback_interface(addr, info)
     if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         kwargs["device_id"] = dev  # binds the communicator to this GPU up front
-    try:
-        dist.init_process_group(**kwargs)
-    except Exception:
-        if mpi_coll is not None:
-            mpi_coll.close()
-        raise
+    # No cleanup on failure: freeing the MPI communicator is itself collective and could hang.
+    dist.init_process_group(**kwargs)
 
     stats_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     coll = mpi_coll if mpi_coll is not None else TorchCollective(group=stats_group, exact=exact)
@@ -556,27 +558,24 @@ def setup_distributed(backend: str = "auto", collective: str = "auto", timeout_s
                        backend=backend, stats_group=stats_group)
 
 
-def shutdown(ctx: DistContext, wait: bool = True) -> None:
+def shutdown(ctx: DistContext, wait: Optional[bool] = None) -> None:
     """Leave the process group in the order that avoids gloo's rare abort at exit.
 
     Drop references to the model/optimizer (DDP holds communication hooks) before calling.
     gc.collect() frees them, the barrier keeps a fast rank from tearing down while a peer still
-    talks to it, then the group is destroyed. ``wait=False`` skips the barrier, for error paths
-    where a peer may be gone. MPI_Finalize is left to mpi4py's exit handler.
+    talks to it, then the group is destroyed. MPI_Finalize is left to mpi4py's exit handler.
+
+    ``wait`` decides the collective steps (the barrier, freeing the MPI communicator). The
+    default waits unless an exception is propagating, as when called from ``finally`` on a
+    failing rank: its peers are then stuck in some other collective, and a barrier would only
+    hold this rank (and its error message) back until ``timeout_s``.
     """
+    if wait is None:
+        wait = sys.exc_info()[0] is None
     gc.collect()
     if dist.is_initialized():
         if wait:
             dist.barrier(group=ctx.stats_group)
         dist.destroy_process_group()
-    ctx.collective.close()
-
-
-def ddp_wrapper(ctx) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """``module -> DistributedDataParallel(module)`` for this context (identity on one process)."""
-    if not ctx.is_distributed:
-        return lambda module: module
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return lambda module: DistributedDataParallel(module, device_ids=device_ids)
+    if wait:
+        ctx.collective.close()

@@ -148,4 +148,35 @@ def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, de
             model.log_noise(n).fill_(float(np.log(model.cfg.expert_noise_std ** 2)))
     counts = curves[names[0]]["s0"]
     model.pi_logits.data.copy_(torch.as_tensor(np.log(m_step_weights(counts))))
+    if model.cfg.cluster_init_layout == "physics":
+        model.cluster_means.copy_(torch.as_tensor(anchors_from_centres(
+            kmeans.cluster_centers_, model.cfg.latent_dim, model.cfg.cluster_init_scale), dtype=torch.float32))
     return {"cluster_sizes": counts.tolist(), "kmeans_inertia": float(kmeans.inertia_)}
+
+
+def anchors_from_centres(centres: np.ndarray, latent_dim: int, min_distance: float) -> np.ndarray:
+    """Initial cluster means laid out like the clusters' expert parameters.
+
+    The standardised k-means centres are projected on their first principal axis, and that
+    coordinate becomes the angle on an arc (up to 300 degrees) in the first two latent axes; a
+    second principal axis, if any, becomes the third latent axis. Everything is scaled so the
+    closest pair is ``min_distance`` apart. Clusters with similar physics start close, so an
+    encoder learns a smooth, low-frequency map from the physics to the latent code (the paper's
+    ordered clusters, Section 3.1), while the bend keeps distant clusters far apart.
+    """
+    x = centres - centres.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    pcs = x @ vt.T
+    proj = np.zeros((len(x), latent_dim))
+    u = pcs[:, 0]
+    u = (u - u.min()) / max(np.ptp(u), 1e-12)
+    if latent_dim == 1:
+        proj[:, 0] = u
+    else:
+        angle = u * np.deg2rad(300.0)
+        proj[:, 0], proj[:, 1] = np.cos(angle), np.sin(angle)
+        if latent_dim >= 3 and pcs.shape[1] >= 2:
+            proj[:, 2] = pcs[:, 1] / max(np.abs(pcs[:, 0]).max(), 1e-12)
+    d = np.linalg.norm(proj[:, None] - proj[None], axis=-1)
+    closest = d[~np.eye(len(x), dtype=bool)].min()
+    return proj * (min_distance / max(closest, 1e-12))

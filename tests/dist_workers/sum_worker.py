@@ -3,7 +3,8 @@
 Joins the others with setup_distributed(), sums every rank's float64 data through the
 collective in exact and plain-allreduce modes, and writes what it saw to OUT/rank<r>.npz and
 OUT/rank<r>.json for the test to compare across ranks. ``--die-rank R --die-at {setup,collective}``
-makes rank R exit abruptly to test that the survivors fail instead of hanging.
+makes rank R exit abruptly, and ``--raise-rank R`` makes it raise (shutdown then runs from
+``finally``), to test that the other ranks fail instead of hanging.
 """
 
 from __future__ import annotations
@@ -48,24 +49,13 @@ def expected_sums(world_size: int) -> list[np.ndarray]:
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--collective", default="auto")
-    p.add_argument("--timeout", type=float, default=20.0)
-    p.add_argument("--die-rank", type=int, default=-1)
-    p.add_argument("--die-at", choices=("setup", "collective"), default="collective")
-    args = p.parse_args()
-
-    from pima_hpc.distributed import detect_launcher, setup_distributed, shutdown
-
-    if detect_launcher().rank == args.die_rank and args.die_at == "setup":
-        os._exit(1)
-    ctx = setup_distributed(collective=args.collective, timeout_s=args.timeout, device="cpu")
+def run(ctx, args) -> None:
     coll = ctx.collective
     if ctx.rank == args.die_rank:
         sys.stdout.flush()
         os._exit(1)  # no cleanup, like a crash: the survivors must not hang
+    if ctx.rank == args.raise_rank:
+        raise RuntimeError(f"planted failure on rank {ctx.rank}")
 
     data = rank_data(ctx.rank)
     exact = coll.allreduce_sum(data)
@@ -74,11 +64,15 @@ def main() -> int:
     coll.exact = True
 
     # Ranks disagreeing on shapes (same element count) must fail on every rank, not mix numbers.
-    try:
-        coll.allreduce_sum([np.ones((2, 3) if ctx.rank == 0 else (3, 2))])
-        mismatch = ""
-    except RuntimeError as exc:
-        mismatch = str(exc)
+    mismatch = {}
+    for mode in (True, False):
+        coll.exact = mode
+        try:
+            coll.allreduce_sum([np.ones((2, 3) if ctx.rank == 0 else (3, 2))])
+            mismatch["exact" if mode else "fast"] = ""
+        except RuntimeError as exc:
+            mismatch["exact" if mode else "fast"] = str(exc)
+    coll.exact = True
 
     token = coll.broadcast_object({"from": ctx.rank, "payload": [1, 2.5, "x"]}, root=ctx.world_size - 1)
     coll.barrier()
@@ -91,8 +85,27 @@ def main() -> int:
             "is_root": ctx.is_root, "broadcast": token, "mismatch": mismatch,
             "dtypes": [str(a.dtype) for a in exact], "shapes": [list(a.shape) for a in exact]}
     (out / f"rank{ctx.rank}.json").write_text(json.dumps(info))
-    del exact, fast
-    shutdown(ctx)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--collective", default="auto")
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--die-rank", type=int, default=-1)
+    p.add_argument("--die-at", choices=("setup", "collective"), default="collective")
+    p.add_argument("--raise-rank", type=int, default=-1)
+    args = p.parse_args()
+
+    from pima_hpc.distributed import detect_launcher, setup_distributed, shutdown
+
+    if detect_launcher().rank == args.die_rank and args.die_at == "setup":
+        os._exit(1)
+    ctx = setup_distributed(collective=args.collective, timeout_s=args.timeout, device="cpu")
+    try:  # the shape of pima_hpc.train.run: shutdown in finally, also on a failing rank
+        run(ctx, args)
+    finally:
+        shutdown(ctx)
     return 0
 
 

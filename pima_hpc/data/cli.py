@@ -1,0 +1,186 @@
+"""``pima data ...``: build datasets (MNIST, lattice, your own data) and inspect them.
+
+    pima data mnist   --idx-dir DIR --noise {clean,noisy,STD} --out PATH
+    pima data lattice --n 91 --out PATH [--shard-size K] [--seed S] [--workers W]
+    pima data convert --images DIR --curves FILE --out PATH [--t 0:1] [--labels FILE]
+    pima data info    PATH [--no-verify] [--json]
+
+``--out`` ending in .h5 writes one file; with ``--shard-size K`` it is a directory of shard
+files plus manifest.json. User errors raise :class:`DataError`; the ``pima`` entry point prints
+the message and exits 2 (so does ``python -m pima_hpc.data.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from pima_hpc.data.errors import DataError
+
+
+def _common(p: argparse.ArgumentParser, shard_default=None):
+    p.add_argument("--out", required=True, help="output: PATH.h5 (one file) or a directory with --shard-size")
+    p.add_argument("--shard-size", type=int, default=shard_default, metavar="K",
+                   help="write a directory of shard files of ~K samples each plus manifest.json")
+    p.add_argument("--seed", type=int, default=0, help="random seed (splits, noise, generation)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_mnist(args) -> int:
+    from pima_hpc.data.mnist import build_mnist
+    t0 = time.time()
+    out = build_mnist(args.idx_dir, args.out, args.noise, seed=args.seed, val_fraction=args.val_fraction,
+                      shard_size=args.shard_size, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote {out} in {time.time() - t0:.1f} s; inspect with `pima data info {out}`")
+    return 0
+
+
+def cmd_lattice(args) -> int:
+    from pima_hpc.data.lattice import LatticeConfig, build_lattice
+    cfg = LatticeConfig(size=args.size, augment=args.augment)
+    t0 = time.time()
+    out = build_lattice(args.out, args.n, seed=args.seed, cfg=cfg, test_fraction=args.test_fraction,
+                        shard_size=args.shard_size, workers=args.workers, progress=not args.quiet,
+                        overwrite=args.overwrite)
+    print(f"wrote {out} ({args.n} specimens x {cfg.views} views) in {time.time() - t0:.1f} s; "
+          f"inspect with `pima data info {out}`")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from pima_hpc.data.convert import convert_files
+    t0 = time.time()
+    out = convert_files(args.out, args.images, args.curves, t=args.t, labels_file=args.labels,
+                        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                        curve_units=args.curve_units, t_units=args.t_units, image_units=args.image_units,
+                        curve_normalisation={"min": "minmax", "zero": "zero-max"}[args.curve_offset],
+                        shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {out} in {time.time() - t0:.1f} s; inspect with `pima data info {out}`")
+    return 0
+
+
+def summarise(path, verify: bool = True) -> dict:
+    """A JSON-able summary of a dataset (what `pima data info` prints); verifies checksums if asked."""
+    from pima_hpc.data.hdf5 import H5SplitReader
+    from pima_hpc.data.layout import dataset_bytes, describe, verify_dataset
+    info = describe(path)
+    if verify:
+        verify_dataset(info)
+    out = {"path": str(info.path), "format_version": info.format_version,
+           "layout": "shard directory" if info.sharded else "single file", "bytes": dataset_bytes(info.path),
+           "verified": bool(verify), "label_names": list(info.spec.label_names or []),
+           "modalities": [], "splits": {}, "provenance": info.provenance}
+    for m in info.spec.modalities:
+        meta = info.modality_meta[m.name]
+        entry = {"name": m.name, "kind": m.kind, "shape": list(m.shape), "storage": info.storage[m.name],
+                 "units": m.units, "normalisation": meta.get("normalisation"), "fit_split": meta.get("fit_split"),
+                 "offset": m.offset, "scale": m.scale, "description": meta.get("description", "")}
+        if m.t is not None:
+            entry.update(t_units=m.t_units, t_min=float(m.t[0]), t_max=float(m.t[-1]), points=len(m.t))
+        out["modalities"].append(entry)
+    for name, s in info.splits.items():
+        entry = {"count": s.count, "chunk_rows": s.chunk_rows, "files": len(s.parts),
+                 "truth": s.truth_fields}
+        if s.has_labels:
+            reader = H5SplitReader(info, name, in_memory="no")
+            entry["label_counts"] = np.bincount(reader.labels(), minlength=len(info.spec.label_names or [])).tolist()
+            reader.close()
+        out["splits"][name] = entry
+    return out
+
+
+def cmd_info(args) -> int:
+    from pima_hpc.data.layout import human_bytes
+    s = summarise(args.path, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(s, indent=1, default=str))
+        return 0
+    prov = s["provenance"]
+    print(f"{s['path']}: pima-hpc dataset v{s['format_version']}, {s['layout']}, {human_bytes(s['bytes'])}"
+          + (", checksums OK" if s["verified"] else ", checksums not verified"))
+    print(f"  built by {prov.get('builder', '?')} on {prov.get('created_utc', '?')} (seed {prov.get('seed', '?')})")
+    print("  modalities:")
+    for m in s["modalities"]:
+        grid = (f", t in [{m['t_min']:g}, {m['t_max']:g}] {m['t_units']} ({m['points']} points)"
+                if "t_min" in m else "")
+        print(f"    {m['name']:8s} {m['kind']:5s} {tuple(m['shape'])} stored {m['storage']}, units {m['units']!r}{grid}")
+        print(f"             normalised ({m['normalisation']}, fitted on {m['fit_split']}): "
+              f"x_norm = (x - {m['offset']:.6g}) / {m['scale']:.6g}")
+    print("  splits:")
+    for name, sp in s["splits"].items():
+        labels = ""
+        if "label_counts" in sp:
+            labels = ", labels " + " ".join(f"{n}:{c}" for n, c in zip(s["label_names"], sp["label_counts"]))
+        print(f"    {name:6s} {sp['count']:>9,d} samples in {sp['files']} file(s), {sp['chunk_rows']} rows/chunk{labels}")
+        if sp["truth"]:
+            print("           ground truth: " + ", ".join(f"{k} [{u}]" if u else k for k, u in sp["truth"].items()))
+    return 0
+
+
+def add_data_commands(subparsers) -> argparse.ArgumentParser:
+    """Register ``data`` and its subcommands on the ``pima`` command's subparsers."""
+    data = subparsers.add_parser("data", help="build and inspect datasets",
+                                 description="Build multimodal HDF5 datasets and inspect them (docs/data-format.md).")
+    sub = data.add_subparsers(dest="data_command", metavar="{mnist,lattice,convert,info}")
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+
+    p = sub.add_parser("mnist", help="multimodal MNIST from the IDX files (Section 3.1)")
+    p.add_argument("--idx-dir", required=True, help="folder with the four MNIST IDX files (gzipped or not)")
+    p.add_argument("--noise", default="clean",
+                   help="std of eps in X2 = c t + eps: 'clean' (0.01), 'noisy' (0.5) or a number (ERRATA 7)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share of the training set")
+    _common(p)
+    p.set_defaults(func=cmd_mnist)
+
+    p = sub.add_parser("lattice", help="physics-based gyroid/octet lattice images and stress-strain curves")
+    p.add_argument("--n", type=int, default=91, help="number of specimens (each gives --augment views)")
+    p.add_argument("--size", type=int, default=152, help="stored image side in pixels")
+    p.add_argument("--augment", default="paper", choices=("paper", "quadrants", "none"),
+                   help="paper: 4 quadrant crops x (as is, flipped x, flipped y) = 12 images per specimen")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of specimens in the test split")
+    p.add_argument("--workers", type=int, default=0, help="render in this many processes (same result)")
+    _common(p)
+    p.set_defaults(func=cmd_lattice)
+
+    p = sub.add_parser("convert", help="your own images + curves (CSV/NPY)")
+    p.add_argument("--images", required=True, help="folder of images (png, jpg, tif, bmp, npy)")
+    p.add_argument("--curves", required=True, help="curves: .csv (one row per sample) or .npy (N x L)")
+    p.add_argument("--t", default=None, help="curve grid: START:STOP or a .npy/.csv file (else the CSV header)")
+    p.add_argument("--labels", default=None, help="optional labels file (one per line, or name,label rows)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--curve-units", default="")
+    p.add_argument("--t-units", default="")
+    p.add_argument("--image-units", default="")
+    p.add_argument("--curve-offset", choices=("min", "zero"), default="min",
+                   help="normalise curves by (min, max) or (0, max) of the training split")
+    _common(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="print splits, counts, modalities and metadata; verify checksums")
+    p.add_argument("path", help="a .h5 dataset or a shard directory")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum pass (fast)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_info)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m pima_hpc.data.cli``), same behaviour as ``pima data``."""
+    parser = argparse.ArgumentParser(prog="pima")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DataError as exc:
+        print(f"pima: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

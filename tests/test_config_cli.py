@@ -1,0 +1,49 @@
+"""Config validation and CLI errors: one clear line, exit 2, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pima_hpc.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config("configs/digits.yaml", ["train.epochs=3", "model.latent_dim=2"])
+    assert cfg.train.epochs == 3 and cfg.model.latent_dim == 2 and cfg.data.source == "digits"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epocs=3", "unknown config key 'train.epocs'; did you mean 'train.epochs'?"),
+    ("train.epochs=many", "train.epochs"),
+    ("train.lr=-1", "config key 'train.lr': must be > 0"),
+    ("model.expert=quadratic", "config key 'model.expert': must be one of"),
+    ("data.source=hdf5", "data.path"),
+    ("trainepochs", "must look like key=value"),
+])
+def test_bad_config_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("(", r"\(").replace(")", r"\)")):
+        load_config("configs/digits.yaml", [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_cli_reports_one_line_and_exits_2(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pima_hpc", "train", "configs/digits.yaml", "train.bach_size=3",
+                           f"run_dir={run}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "pima: error: unknown config key 'train.bach_size'; did you mean 'train.batch_size'?")
+    assert "Traceback" not in proc.stderr
+    assert not run.exists()
