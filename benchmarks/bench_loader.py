@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,11 +90,14 @@ def compression(args):
     mi, mc, ml, mt = _mnist_arrays(args.mnist_dir)
     data = {"mnist": (mi, mc, ml, mt, [str(d) for d in range(10)]),
             "lattice": (li, lc, ll, cfg.strain, ["gyroid", "octet"])}
-    codecs = {"none": None, "gzip-1": ("gzip", 1), "gzip-4": ("gzip", 4), "gzip-9": ("gzip", 9), "lzf": ("lzf", None)}
+    from pima_hpc.data.writer import CHUNK_BYTES
+    codecs = {"auto": "auto", "none": None, "gzip-1": ("gzip", 1), "gzip-4": ("gzip", 4), "gzip-9": ("gzip", 9),
+              "lzf": ("lzf", None)}
     rows = []
     for name, (im, cu, lab, t, names) in data.items():
         raw = im.nbytes + cu.size * 4 + lab.nbytes
-        plan = [(c, 1 << 16) for c in codecs] + [("gzip-1", 1 << 14), ("gzip-1", 1 << 18), ("gzip-1", 1 << 20)]
+        plan = [(c, CHUNK_BYTES) for c in codecs] + [(c, k) for c in ("none", "gzip-1")
+                                                     for k in (1 << 14, 1 << 16, 1 << 20)]
         for codec, chunk in plan:
             path = tmp / f"{name}-{codec}-{chunk}.h5"
             wt = _write(path, im, cu, lab, t, names, codecs[codec], chunk)
@@ -103,6 +107,7 @@ def compression(args):
                          "stream read samples/s": f"{rate:,.0f}"})
             print(rows[-1], file=sys.stderr)
             path.unlink()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(_table(rows, list(rows[0])))
     return rows
 
@@ -157,6 +162,7 @@ def loader(args):
                              "open s": f"{t_open:.2f}", "loader samples/s (rank 0)": f"{rate:,.0f}",
                              "step samples/s": f"{step:,.0f}", "loader / step": f"{rate / step:,.0f}x"})
                 print(rows[-1], file=sys.stderr)
+    shutil.rmtree(tmp, ignore_errors=True)
     print(_table(rows, list(rows[0])))
     return rows
 
@@ -199,7 +205,6 @@ def memory(args):
                      "output": human_bytes(dataset_bytes(out))})
         print(rows[-1], file=sys.stderr)
         if not args.keep:
-            import shutil
             shutil.rmtree(out, ignore_errors=True)
     print(_table(rows, ["specimens", "peak RSS", "RSS at 25/50/75 %", "time s", "ms/specimen", "output"]))
     return rows

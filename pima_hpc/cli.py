@@ -36,6 +36,11 @@ def _user_errors():
         errors.append(DataError)
     except ImportError:
         pass
+    try:
+        from pima_hpc.distributed import DistributedSetupError
+        errors.append(DistributedSetupError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 

@@ -127,10 +127,14 @@ class TrainConfig:
     # Optional EM updates of the cluster variances and weights (from sum gamma*mu^2).
     em_variances: bool = True
     em_weights: bool = True
-    # Forgetting factor of the streaming least-squares statistics across epochs (1 = no memory).
+    # Forgetting factor lambda of the experts' least-squares statistics across epochs (recursive least
+    # squares): S <- lambda S_prev + S_epoch. 0 = no memory (each epoch's pass alone), 1 = never forget.
     rls_forgetting: float = 0.0
     ridge: float = 1e-8
+    # torch's SyncBatchNorm (CUDA only): BatchNorm statistics over the global batch instead of per rank.
     sync_batchnorm: bool = False
+    # Cap on optimizer steps per multimodal epoch (0 = the whole split): short benchmarks and smoke runs.
+    max_steps_per_epoch: int = 0
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every: int = 50
@@ -147,6 +151,7 @@ class TrainConfig:
         _choice(self.init, "train.init", ("experts", "random"))
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")
         _check(self.ridge >= 0, "train.ridge", "must be >= 0")
+        _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = no cap)")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
 
@@ -166,6 +171,23 @@ class CrossModalConfig:
 
 
 @dataclass
+class DistConfig:
+    """How ranks talk; the launcher itself (torchrun, srun, mpiexec) is detected from the environment."""
+
+    # torch.distributed backend: "auto" = NCCL on GPUs, gloo on CPUs.
+    backend: str = "auto"
+    # Where the float64 EM / least-squares sums go: "auto" = MPI under an MPI launcher, else torch.
+    collective: str = "auto"
+    # Collective and rendezvous timeout: a dead rank makes the others fail after this long.
+    timeout_s: float = 300.0
+
+    def __post_init__(self):
+        _choice(self.backend, "dist.backend", ("auto", "gloo", "nccl"))
+        _choice(self.collective, "dist.collective", ("auto", "torch", "mpi"))
+        _check(self.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_dir: str = "runs/default"
@@ -179,6 +201,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     crossmodal: CrossModalConfig = field(default_factory=CrossModalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
         _check(len(self.stages) >= 1, "stages", "must name at least one stage")

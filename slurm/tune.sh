@@ -7,7 +7,8 @@
 #   sbatch slurm/tune.sh [key=value ...]                         # one node
 #   sbatch -N 4 --gpus-per-node=4 --cpus-per-task=32 slurm/tune.sh
 #
-# PIMA_CONFIG (configs/lattice.yaml), PIMA_OVERRIDES ("key=value ..."), PIMA_VENV (.venv),
+# PIMA_CONFIG (the tune file: configs/tune_lattice.yaml; docs/tune.md), PIMA_OVERRIDES
+# ("key=value ..." for the tune file, e.g. "num_samples=48 name=sweep1"), PIMA_VENV (.venv),
 # PIMA_RAY_PORT (6379), PIMA_RAY_WAIT (seconds to wait for the Ray nodes; 120),
 # PIMA_GPUS_PER_NODE (default: what Slurm allocated). Arguments are more key=value overrides.
 #SBATCH --job-name=pima-tune
@@ -25,7 +26,7 @@ PIMA_ROOT=${PIMA_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/
 source "$PIMA_ROOT/slurm/lib/common.sh"
 
 pima_setup
-config=${PIMA_CONFIG:-configs/lattice.yaml}
+config=${PIMA_CONFIG:-configs/tune_lattice.yaml}
 [[ -f $config ]] || pima_die "config '$config' not found (PIMA_CONFIG; relative paths are from $PIMA_ROOT)"
 command -v ray >/dev/null || pima_die "ray is not on PATH; install pima-hpc[tune] (make venv) or set PIMA_VENV"
 port=${PIMA_RAY_PORT:-6379}
@@ -40,6 +41,7 @@ head_ip=${head_ip%% *}
 export RAY_ADDRESS=$head_ip:$port
 
 ray_steps=()
+# shellcheck disable=SC2329  # called by the EXIT trap
 stop_ray() {
     # srun passes SIGTERM to every process of the Ray steps; `ray start --block` then stops
     # the node's Ray processes.
@@ -58,9 +60,13 @@ ray_steps+=($!)
 
 # Bounded wait for the head (Ray's guide sleeps a fixed time; polling fails faster and clearer).
 deadline=$((SECONDS + wait_s))
-until ray status --address="$RAY_ADDRESS" >/dev/null 2>&1; do
+status_out=""
+until status_out=$(ray status --address="$RAY_ADDRESS" 2>&1); do
     kill -0 "${ray_steps[0]}" 2>/dev/null || pima_die "the Ray head on $PIMA_HEAD exited during start-up (its output is above)"
-    ((SECONDS < deadline)) || pima_die "the Ray head at $RAY_ADDRESS did not answer within ${wait_s}s (PIMA_RAY_WAIT)"
+    if ((SECONDS >= deadline)); then
+        printf '%s\n' "$status_out" | tail -n 20 >&2
+        pima_die "the Ray head at $RAY_ADDRESS did not answer within ${wait_s}s (PIMA_RAY_WAIT); 'ray status' said the above"
+    fi
     sleep 2
 done
 

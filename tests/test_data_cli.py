@@ -16,8 +16,14 @@ def pima(argv):
         from pima_hpc.cli import main
     except ImportError:  # the data commands also run on their own
         from pima_hpc.data.cli import main
-        argv = argv[1:]
     return main(argv)
+
+
+def test_standalone_entry_point(tmp_path):
+    from pima_hpc.data.cli import main
+    assert main(["lattice", "--n", "3", "--size", "16", "--augment", "none", "--out", str(tmp_path / "a.h5"),
+                 "--quiet"]) == 0
+    assert main(["data", "info", str(tmp_path / "a.h5"), "--no-verify"]) == 0
 
 
 def test_lattice_and_info(tmp_path, capsys):

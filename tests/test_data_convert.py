@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pima_hpc.data import DataError, describe, open_split
+from pima_hpc.data import DataError, describe, open_split, read_truth
 from pima_hpc.data.convert import convert_arrays, convert_files, write_arrays
 
 L = 8
@@ -102,15 +102,21 @@ def test_arrays_from_python(tmp_path):
     out = convert_arrays(tmp_path / "arr.h5", images, curves, T, labels, test_fraction=0.2, val_fraction=0.1)
     info, got = read_all(out)
     assert info.spec["image"].shape == (2, 5, 6)
-    for g in got.values():
+    for s, g in got.items():
         idx = match_rows(g["curve"], curves)
         np.testing.assert_allclose(g["image"], images[idx], atol=1e-5)
         np.testing.assert_array_equal(g["label"], labels[idx])
+        np.testing.assert_array_equal(read_truth(out, s)["source_index"], idx)  # maps back to the caller's rows
     # general form: any modality names, pre-split
     out2 = write_arrays(tmp_path / "gen.h5", {"train": {"photo": images[:30], "load": curves[:30]},
                                                "test": {"photo": images[30:], "load": curves[30:]}},
                         t={"load": T})
     assert describe(out2).spec.names == ["photo", "load"]
+    r = open_split(out2, "train")
+    stored = r.spec["load"].to_physical(r.read_batch(r.indices)["load"].double().numpy())
+    src = read_truth(out2, "train")["source_index"]
+    assert not np.array_equal(src, np.arange(30))  # stored in random order ...
+    np.testing.assert_allclose(stored, curves[:30][src], atol=1e-5)  # ... and traceable
 
 
 def leftovers(tmp_path, keep):

@@ -347,6 +347,16 @@ def test_shard_manifest_problems(tmp_path, data):
         open_split(out, "train", verify=True)
     path.write_bytes(good)
     verify_dataset(describe(out))
+    # an empty split in the manifest
+    empty = json.loads(json.dumps(manifest))
+    empty["splits"]["val"] = {**empty["splits"]["val"], "count": 0, "shards": []}
+    for sh in manifest["splits"]["val"]["shards"]:
+        (out / sh["file"]).rename(tmp_path / sh["file"])
+    (out / "manifest.json").write_text(json.dumps(empty))
+    with pytest.raises(DataError, match=r"split 'val' shards hold 0 samples.*no empty splits allowed"):
+        open_split(out, "train")
+    for sh in manifest["splits"]["val"]["shards"]:
+        (tmp_path / sh["file"]).rename(out / sh["file"])
     # a damaged manifest
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match=r"manifest.json is not valid JSON"):

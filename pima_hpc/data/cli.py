@@ -78,6 +78,7 @@ def summarise(path, verify: bool = True) -> dict:
     for m in info.spec.modalities:
         meta = info.modality_meta[m.name]
         entry = {"name": m.name, "kind": m.kind, "shape": list(m.shape), "storage": info.storage[m.name],
+                 "compression": meta.get("compression", ""),
                  "units": m.units, "normalisation": meta.get("normalisation"), "fit_split": meta.get("fit_split"),
                  "offset": m.offset, "scale": m.scale, "description": meta.get("description", "")}
         if m.t is not None:
@@ -108,7 +109,8 @@ def cmd_info(args) -> int:
     for m in s["modalities"]:
         grid = (f", t in [{m['t_min']:g}, {m['t_max']:g}] {m['t_units']} ({m['points']} points)"
                 if "t_min" in m else "")
-        print(f"    {m['name']:8s} {m['kind']:5s} {tuple(m['shape'])} stored {m['storage']}, units {m['units']!r}{grid}")
+        print(f"    {m['name']:8s} {m['kind']:5s} {tuple(m['shape'])} stored {m['storage']} ({m['compression']}), "
+              f"units {m['units']!r}{grid}")
         print(f"             normalised ({m['normalisation']}, fitted on {m['fit_split']}): "
               f"x_norm = (x - {m['offset']:.6g}) / {m['scale']:.6g}")
     print("  splits:")
@@ -172,6 +174,9 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (``python -m pima_hpc.data.cli``), same behaviour as ``pima data``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "data":  # `python -m pima_hpc.data.cli lattice ...` means `pima data lattice ...`
+        argv = ["data", *argv]
     parser = argparse.ArgumentParser(prog="pima")
     add_data_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

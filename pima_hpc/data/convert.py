@@ -26,7 +26,7 @@ import numpy as np
 from pima_hpc.data.base import CURVE, IMAGE
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.splits import stratified_split
-from pima_hpc.data.writer import DatasetWriter, ModalityLayout, check_array, default_provenance
+from pima_hpc.data.writer import DatasetWriter, ModalityLayout, TruthField, check_array, default_provenance
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".npy")
 NAME_COLUMNS = ("name", "id", "file", "image", "filename")
@@ -39,12 +39,18 @@ NAME_COLUMNS = ("name", "id", "file", "image", "filename")
 def write_arrays(out, splits: dict[str, dict[str, np.ndarray]], *, t: dict | None = None,
                  units: dict | None = None, t_units: dict | None = None, normalisation: dict | None = None,
                  label_names=None, shard_size: int | None = None, overwrite: bool = False,
-                 name: str = "custom", provenance: dict | None = None, block: int = 4096) -> Path:
+                 name: str = "custom", provenance: dict | None = None, shuffle: bool = True, seed: int = 0,
+                 source_index: dict | None = None, block: int = 4096) -> Path:
     """Write pre-split arrays (physical units) as a dataset; return ``out``.
 
     ``splits`` maps split name -> {modality: array, optionally "label": int array}. A modality
     is an image if its array is (N, C, H, W) or (N, H, W), a curve if (N, L) - then ``t[name]``
     (length L) is required. ``normalisation[name]`` is "minmax" (default) or "zero-max".
+
+    Rows are stored in a random order (``shuffle``, from ``seed``): the chunk-aware epoch
+    shuffle of the readers assumes stored order carries no information, and user arrays are
+    often sorted (by class, by date). Each stored row keeps its position in the given split
+    array (or ``source_index[split]``) as the ground-truth field ``source_index``.
     """
     if not splits:
         raise DataError("no splits given; pass e.g. {'train': {...}, 'test': {...}}")
@@ -95,22 +101,27 @@ def write_arrays(out, splits: dict[str, dict[str, np.ndarray]], *, t: dict | Non
         top = max(int(np.max(np.asarray(s["label"]))) for s in splits.values() if len(s["label"]))
         label_names = [str(i) for i in range(top + 1)]
     prov = provenance or default_provenance(name, "pima_hpc.data.convert.write_arrays")
-    with DatasetWriter(out, layouts, counts, shard_size=shard_size, label_names=label_names,
+    rng = np.random.default_rng([seed, 5])
+    truth = [TruthField("source_index", "int64", "", "row of the sample in the caller's split array")]
+    with DatasetWriter(out, layouts, counts, shard_size=shard_size, label_names=label_names, truth=truth,
                        provenance=prov, overwrite=overwrite) as w:
         for s, arrays in splits.items():
+            order = rng.permutation(counts[s]) if shuffle else np.arange(counts[s])
+            src = np.arange(counts[s]) if source_index is None else np.asarray(source_index[s])
             for a in range(0, counts[s], block):
+                rows = order[a:a + block]
                 blk = {}
                 for lay in layouts:
-                    x = np.asarray(arrays[lay.name][a:a + block])
+                    x = np.asarray(arrays[lay.name])[rows]
                     blk[lay.name] = x[:, None] if (lay.kind == IMAGE and x.ndim == 3) else x
-                w.write(s, blk, None if not has_labels else np.asarray(arrays["label"][a:a + block]),
-                        source=f"split {s!r} rows {a}..")
+                w.write(s, blk, None if not has_labels else np.asarray(arrays["label"])[rows],
+                        {"source_index": src[rows]}, source=f"split {s!r}")
     return Path(out)
 
 
 def random_splits(n: int, val_fraction: float, test_fraction: float, seed: int,
                   labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Sorted index sets for train/val/test (stratified by ``labels`` if given); empty ones omitted."""
+    """Index sets for train/val/test in random order (stratified by ``labels`` if given); empty ones omitted."""
     for name, f in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0 <= f < 1:
             raise DataError(f"{name} must be in [0, 1), got {f}")
@@ -120,7 +131,7 @@ def random_splits(n: int, val_fraction: float, test_fraction: float, seed: int,
     lab = labels if labels is not None else np.zeros(n, dtype=np.int64)
     rest, test = stratified_split(lab, test_fraction, rng)
     keep, val = stratified_split(lab[rest], val_fraction / (1 - test_fraction), rng)
-    out = {"train": np.sort(rest[keep]), "val": np.sort(rest[val]), "test": np.sort(test)}
+    out = {"train": rest[keep], "val": rest[val], "test": test}
     if len(out["train"]) == 0:
         raise DataError(f"{n} samples leave an empty training split; add samples or lower the fractions")
     for s, f in (("val", val_fraction), ("test", test_fraction)):
@@ -146,7 +157,8 @@ def convert_arrays(out, images, curves, t, labels=None, *, val_fraction: float =
               for s, ix in parts.items()}
     return write_arrays(out, splits, t={"curve": t}, units={"image": image_units, "curve": curve_units},
                         t_units={"curve": t_units}, normalisation={"curve": curve_normalisation},
-                        label_names=label_names, shard_size=shard_size, overwrite=overwrite)
+                        label_names=label_names, shard_size=shard_size, overwrite=overwrite, shuffle=False,
+                        source_index=parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +341,9 @@ def convert_files(out, images_dir, curves_file, *, t=None, labels_file=None, val
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(files), unit="sample", desc="convert", dynamic_ncols=True)
+    truth = [TruthField("source_index", "int64", "", "position of the image file in sorted name order")]
     with DatasetWriter(out, modalities, {s: len(ix) for s, ix in parts.items()}, shard_size=shard_size,
-                       label_names=label_names, provenance=prov, overwrite=overwrite) as w:
+                       label_names=label_names, truth=truth, provenance=prov, overwrite=overwrite) as w:
         for s, ix in parts.items():
             for a in range(0, len(ix), block):
                 sel = ix[a:a + block]
@@ -342,7 +355,8 @@ def convert_files(out, images_dir, curves_file, *, t=None, labels_file=None, val
                                         f"{first.shape}; resize or crop all images to one size")
                     imgs.append(check_array(im[None], "image", 1, first.shape, str(files[i])))
                 w.write(s, {"image": np.concatenate(imgs), "curve": curves[sel]},
-                        None if labels is None else labels[sel], source=f"{images_dir} ({files[sel[0]].name}..)")
+                        None if labels is None else labels[sel], {"source_index": sel},
+                        source=f"{images_dir} ({files[sel[0]].name}..)")
                 if bar is not None:
                     bar.update(len(sel))
     if bar is not None:

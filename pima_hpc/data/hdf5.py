@@ -21,7 +21,6 @@ can be pickled or forked into DataLoader workers (HDF5 handles must not cross a 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -199,8 +198,13 @@ class H5SplitReader(SplitReader):
                 cuts = np.flatnonzero(np.diff(ck) > 1) + 1
                 for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(local)]):
                     a, b = int(local[s]), int(local[e - 1]) + 1
-                    block = read_rows(ds, a, b, self.parts[i].file)
-                    res[sel[s:e]] = block[local[s:e] - a]
+                    d = int(sel[s])
+                    if b - a == e - s and int(sel[e - 1]) - d == e - s - 1:
+                        # a dense run (sequential reads, loading a part): straight into the output
+                        read_rows(ds, a, b, self.parts[i].file, out=res[d:d + b - a])
+                    else:
+                        block = read_rows(ds, a, b, self.parts[i].file)
+                        res[sel[s:e]] = block[local[s:e] - a]
             out[name] = res
         return out
 

@@ -5,7 +5,7 @@ from the top and tested in uniaxial compression:
 
 * **gyroid** - the network (skeletal) gyroid, the solid side ``F > level`` of the triply periodic
   minimal-surface approximation ``F = sin x cos y + sin y cos z + sin z cos x`` (Schoen's gyroid
-  as used by Maskery et al. 2017 and Al-Ketan & Abu Al-Rub 2019);
+  as used by Maskery et al. 2018 and Al-Ketan & Abu Al-Rub 2019);
 * **octet** - the octet truss (face-centred-cubic nodes, 12 struts per node; Deshpande, Fleck &
   Ashby 2001).
 
@@ -13,7 +13,8 @@ Geometry. A field ``phi`` (negative inside the solid, roughly a signed distance 
 is precomputed once on a periodic unit-cell grid, then sampled trilinearly over the imaged volume
 (the photographed area, one cell deep) with a random in-plane position. Print defects act on
 the field: a smooth thickness field over the build plate and per-strut-class radius jitter
-(thickness jitter), band-limited noise (surface roughness) and spherical voids (porosity).
+(thickness jitter), band-limited noise (surface roughness, and a rough top cut) and small voids
+where an independent noise field exceeds a quantile set by the porosity (gas pores).
 The relative density is *measured* on this voxelised geometry, so it includes the defects.
 
 Photograph. The first surface hit by a ray from the camera gives a height map; shading is
@@ -26,16 +27,18 @@ flipped along each axis (12 images per specimen, all paired with the specimen's 
 Stress-strain curve (100 points). The linear strain-hardening law the paper's expert uses
 (Jones 2009): ``stress = E*strain`` up to ``eps_y = sigma_y / E``, then
 ``sigma_y + H*(strain - eps_y)``. E and sigma_y follow Gibson-Ashby scaling with the measured
-relative density rho (Gibson & Ashby 1997, "Cellular Solids", 2nd ed., ch. 5-6):
+relative density rho (Gibson & Ashby 1997, "Cellular Solids", 2nd ed.):
 
 * octet, stretch-dominated: ``E/E_s = rho/9``, ``sigma_y/sigma_ys = rho/3`` (Deshpande, Fleck &
   Ashby 2001, J. Mech. Phys. Solids 49:1747, the octet truss loaded along a cube axis; also
   Deshpande, Ashby & Fleck 2001, Acta Mater. 49:1035, stretching versus bending);
 * gyroid, bending-dominated: ``E/E_s = 0.45 rho^2``, ``sigma_y/sigma_ys = 0.3 rho^1.5``
-  (exponents of Gibson & Ashby's open-cell foams, eqs. 5.6 and 5.27 with C5 = 0.3; exponents
-  near 2 and 1.5 measured for gyroids by Maskery et al. 2017, Polymer 108:1039, and Al-Ketan &
-  Abu Al-Rub 2019, Adv. Eng. Mater. 21:1900524; the 0.45 prefactor is our choice within their
-  reported range).
+  (the exponents of Gibson & Ashby's open-cell, bending-dominated foams, with their plastic
+  collapse constant C5 ~ 0.3; gyroid exponents near 2 and 1.5 are reported by Maskery et al. 2018,
+  "Insights into the mechanical properties of several triply periodic minimal surface lattice
+  structures made by polymer additive manufacturing", Polymer, and by Al-Ketan & Abu Al-Rub 2019,
+  "Multifunctional mechanical metamaterials based on triply periodic minimal surface lattices",
+  Adv. Eng. Mater.; the prefactor 0.45 is our choice within the reported range).
 
 Solid: E_s = 190 GPa, sigma_ys = 450 MPa, representative of laser-powder-bed-fused 316L steel.
 The hardening modulus ``H = eta * E`` (eta = 0.02 octet, 0.05 gyroid) is an assumption, not a
@@ -52,7 +55,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 

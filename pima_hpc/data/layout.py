@@ -139,6 +139,7 @@ def modality_meta_from_group(grp: h5py.Group) -> dict:
         "storage": str(a.get("storage", "float32")),
         "fit_split": str(a.get("fit_split", "train")),
         "description": str(a.get("description", "")),
+        "compression": str(a.get("compression", "")),
     }
     if "t" in grp:
         meta["t"] = [float(v) for v in grp["t"][()]]
@@ -146,7 +147,7 @@ def modality_meta_from_group(grp: h5py.Group) -> dict:
 
 
 def write_modality_meta(grp: h5py.Group, meta: dict) -> None:
-    for key in ("kind", "units", "t_units", "normalisation", "storage", "fit_split", "description"):
+    for key in ("kind", "units", "t_units", "normalisation", "storage", "fit_split", "description", "compression"):
         grp.attrs[key] = str(meta.get(key, ""))
     grp.attrs["shape"] = np.asarray(meta["shape"], dtype=np.int64)
     grp.attrs["offset"] = float(meta["offset"])
@@ -352,7 +353,7 @@ def check_part(info: DatasetInfo, split: str, part: Part, f: h5py.File) -> None:
                         f"{rebuild_hint(info.path)}")
 
 
-def verify_dataset(info: DatasetInfo, progress: bool = False) -> None:
+def verify_dataset(info: DatasetInfo) -> None:
     """Full integrity check: SHA-256 of every shard, then every chunk's Fletcher-32 checksum."""
     seen = set()
     for split in info.splits.values():
@@ -389,9 +390,12 @@ def _read_all_chunks(ds: h5py.Dataset, where: Path, block_bytes: int = 1 << 25) 
         read_rows(ds, a, min(a + rows, ds.shape[0]), where)
 
 
-def read_rows(ds: h5py.Dataset, a: int, b: int, where: Path) -> np.ndarray:
-    """``ds[a:b]``, with a corrupted chunk reported as a DataError naming file and dataset."""
+def read_rows(ds: h5py.Dataset, a: int, b: int, where: Path, out: np.ndarray | None = None) -> np.ndarray:
+    """``ds[a:b]`` (into ``out`` if given), a corrupted chunk reported as a DataError naming file and dataset."""
     try:
+        if out is not None:
+            ds.read_direct(out, np.s_[a:b])
+            return out
         return ds[a:b]
     except OSError as exc:
         msg = str(exc).splitlines()[0]

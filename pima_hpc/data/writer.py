@@ -23,25 +23,30 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from pima_hpc.data.base import CURVE, IMAGE, KINDS, batch_sizes
+from pima_hpc.data.base import CURVE, KINDS, batch_sizes
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.layout import (FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, LABEL, MANIFEST, META_GROUP,
-                                  NORMALISATIONS, STORAGE_DTYPES, TRUTH_GROUP, open_h5, sha256_file,
+                                  NORMALISATIONS, STORAGE_DTYPES, TRUTH_GROUP, sha256_file,
                                   write_modality_meta)
 
-# Chunk and compression defaults, chosen by measurement (benchmarks/bench_loader.py --compression,
-# numbers in docs/benchmarks.md): ~64 KiB chunks keep a shuffled batch's read amplification low
-# (a chunk holds 2 lattice images or ~80 MNIST samples), and gzip level 1 gives most of the
-# size reduction of higher levels at a fraction of the write time and the fastest decode.
-CHUNK_BYTES = 1 << 16
+# Chunk and compression defaults, chosen by measurement (`python benchmarks/bench_loader.py
+# compression`, numbers in docs/benchmarks.md). ~256 KiB chunks (11 lattice images, ~300 MNIST
+# samples) read fastest under the chunk-aware shuffle. gzip level 1 gives nearly all of the size
+# reduction of higher levels (MNIST 3.5x vs 3.9x at level 9) with the cheapest encode; but noisy
+# photographs and float curves barely compress (lattice images 1.10x) while gzip slows reads 2-4x,
+# so "auto" measures each dataset's first block and compresses only if zlib-1 saves >= 25 %.
+CHUNK_BYTES = 1 << 18
 MAX_CHUNK_ROWS = 4096
-COMPRESSION = ("gzip", 1)
+COMPRESSION = "auto"
+AUTO_CODEC = ("gzip", 1)
+AUTO_MIN_RATIO = 1.25
 
 RAW_BLOCK_BYTES = 1 << 24  # rows normalised per step at finalisation (bounded memory)
 
@@ -96,7 +101,22 @@ def chunk_rows_for(sample_bytes: int, count: int, chunk_bytes: int = CHUNK_BYTES
     return int(max(1, min(count, MAX_CHUNK_ROWS, chunk_bytes // max(1, sample_bytes))))
 
 
-def compression_kwargs(dtype, compression=COMPRESSION) -> dict:
+def choose_codec(sample: np.ndarray, compression=COMPRESSION):
+    """The codec for a dataset: ``compression`` itself, or for "auto" gzip-1 if a zlib-1 trial on
+    (byte-shuffled) ``sample`` compresses by at least AUTO_MIN_RATIO, else none."""
+    if compression != "auto":
+        return compression
+    a = np.ascontiguousarray(sample).reshape(-1)
+    a = a[: max(1, (1 << 20) // max(1, a.itemsize))]
+    raw = a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes()  # what HDF5's shuffle filter does
+    return AUTO_CODEC if len(raw) >= AUTO_MIN_RATIO * len(zlib.compress(raw, 1)) else None
+
+
+def codec_name(codec) -> str:
+    return "none" if codec is None or codec[0] is None else "-".join(str(c) for c in codec if c is not None)
+
+
+def compression_kwargs(dtype, compression) -> dict:
     """h5py dataset filters: compression (if any), byte shuffle for multi-byte types, Fletcher-32."""
     kw = {"fletcher32": True}
     if compression is not None and compression[0] is not None:
@@ -188,22 +208,27 @@ class DatasetWriter:
             n_shards = math.ceil(c / shard_size) if self.sharded else 1
             sizes = [int(x) for x in batch_sizes(c, n_shards)]
             self.splits[s] = _SplitState(s, c, sizes, chunk_rows_for(sample_bytes, min(sizes), chunk_bytes))
+        self._codecs: dict[str, object] = {}
         self._lo = {n: math.inf for n in self.names}
         self._hi = {n: -math.inf for n in self.names}
         pid = os.getpid()
         self.tmp = self.out.with_name(f"{self.out.name}.partial-{pid}")
         self.raw_dir = (self.tmp / ".raw") if self.sharded else self.out.with_name(f"{self.out.name}.partial-{pid}.raw")
-        self._cleanup()
-        if self.sharded:
-            self.tmp.mkdir(parents=True)
-        self.raw_dir.mkdir(parents=True)
         self._single: h5py.File | None = None
-        if not self.sharded:
-            self._single = h5py.File(self.tmp, "w")
-            self._init_file(self._single)
-            for st in self.splits.values():
-                self._init_split(self._single, st, st.count)
-                st.files = [self.tmp]
+        self._cleanup()
+        try:
+            if self.sharded:
+                self.tmp.mkdir(parents=True)
+            self.raw_dir.mkdir(parents=True)
+            if not self.sharded:
+                self._single = h5py.File(self.tmp, "w")
+                self._init_file(self._single)
+                for st in self.splits.values():
+                    self._init_split(self._single, st, st.count)
+                    st.files = [self.tmp]
+        except BaseException:
+            self.abort()
+            raise
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -251,28 +276,32 @@ class DatasetWriter:
         return {"name": m.name, "kind": m.kind, "shape": list(m.shape), "units": m.units, "t_units": m.t_units,
                 "offset": offset, "scale": scale, "normalisation": m.normalisation, "storage": m.storage,
                 "fit_split": self.fit_split, "description": m.description,
+                "compression": codec_name(self._codecs.get(m.name)),
                 "t": None if m.t is None else [float(v) for v in m.t]}
 
     def _init_split(self, f: h5py.File, st: _SplitState, rows: int):
         g = f.create_group(st.name)
         g.attrs["count"] = rows
         g.attrs["chunk_rows"] = st.chunk_rows
-        chunk = min(st.chunk_rows, rows)
-        for m in self.modalities:
-            if m.storage == "uint8":  # written as it comes; float modalities are created at finalise
-                dt = STORAGE_DTYPES[m.storage]
-                g.create_dataset(m.name, shape=(rows, *m.shape), dtype=dt, chunks=(chunk, *m.shape),
-                                 **compression_kwargs(dt, self.compression))
-        if self.label_names is not None:
-            g.create_dataset(LABEL, shape=(rows,), dtype=np.int64, chunks=(chunk,),
-                             **compression_kwargs(np.int64, self.compression))
-        if self.truth:
-            tg = g.create_group(TRUTH_GROUP)
-            for tf in self.truth:
-                ds = tg.create_dataset(tf.name, shape=(rows,), dtype=np.dtype(tf.dtype), chunks=(chunk,),
-                                       **compression_kwargs(tf.dtype, self.compression))
-                ds.attrs["units"] = tf.units
-                ds.attrs["description"] = tf.description
+
+    def _codec(self, key: str, sample: np.ndarray):
+        """Codec of dataset ``key`` (same in every file), chosen from the first data it receives."""
+        if key not in self._codecs:
+            self._codecs[key] = choose_codec(sample, self.compression)
+        return self._codecs[key]
+
+    def _dataset(self, g: h5py.Group, key: str, sample: np.ndarray, dtype, tail: tuple, units=None, desc=None):
+        """Dataset ``key`` of split group ``g``, created on first use (chunked, filtered)."""
+        if key in g:
+            return g[key]
+        rows = int(g.attrs["count"])
+        chunk = min(int(g.attrs["chunk_rows"]), rows)
+        ds = g.create_dataset(key, shape=(rows, *tail), dtype=dtype, chunks=(chunk, *tail),
+                              **compression_kwargs(dtype, self._codec(key, sample)))
+        if units is not None:
+            ds.attrs["units"] = units
+            ds.attrs["description"] = desc or ""
+        return ds
 
     def _shard_file(self, st: _SplitState, i: int) -> h5py.File:
         if st.open_index == i:
@@ -330,6 +359,9 @@ class DatasetWriter:
             if truth is None or tf.name not in truth:
                 raise DataError(f"{source}: ground-truth field {tf.name!r} is missing")
             tru[tf.name] = check_array(truth[tf.name], f"truth {tf.name!r}", n, (), source)
+        for m in self.modalities:
+            if m.storage == "float32":
+                self._codec(m.name, block[m.name].astype(np.float32))
         if split == self.fit_split:
             for name, a in block.items():
                 self._lo[name] = min(self._lo[name], float(a.min()))
@@ -354,12 +386,15 @@ class DatasetWriter:
             take = min(n - done, (st.count if not self.sharded else int(bounds[i + 1])) - row)
             g = f[st.name]
             for m in self.modalities:
-                if m.storage == "uint8":
-                    g[m.name][local:local + take] = block[m.name][done:done + take]
+                if m.storage == "uint8":  # written as it comes; float modalities are created at finalise
+                    ds = self._dataset(g, m.name, block[m.name], np.uint8, m.shape)
+                    ds[local:local + take] = block[m.name][done:done + take]
             if lab is not None:
-                g[LABEL][local:local + take] = lab[done:done + take]
-            for k, v in tru.items():
-                g[TRUTH_GROUP][k][local:local + take] = v[done:done + take]
+                self._dataset(g, LABEL, lab, np.int64, ())[local:local + take] = lab[done:done + take]
+            for tf in self.truth:
+                v = tru[tf.name].astype(tf.dtype)
+                ds = self._dataset(g, f"{TRUTH_GROUP}/{tf.name}", v, np.dtype(tf.dtype), (), tf.units, tf.description)
+                ds[local:local + take] = v[done:done + take]
             done += take
         st.cursor += n
 
@@ -430,7 +465,7 @@ class DatasetWriter:
                     continue
                 offset, scale = norm[m.name]
                 ds = g.create_dataset(m.name, shape=(rows, *m.shape), dtype=np.float32, chunks=(chunk, *m.shape),
-                                      **compression_kwargs(np.float32, self.compression))
+                                      **compression_kwargs(np.float32, self._codecs[m.name]))
                 per = int(np.prod(m.shape))
                 step = max(chunk, RAW_BLOCK_BYTES // (4 * per) // chunk * chunk)
                 with open(self.raw_dir / f"{st.name}.{m.name}.f32", "rb") as fh:
@@ -469,7 +504,7 @@ class DatasetWriter:
 
     def abort(self):
         """Close and delete everything written so far (the destination is never touched)."""
-        for st in self.splits.values() if hasattr(self, "splits") else ():
+        for st in self.splits.values():
             if st.open is not None:
                 try:
                     st.open.close()

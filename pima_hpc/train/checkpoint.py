@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -20,8 +21,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
+STAGE_ORDER = {"multimodal": 0, "crossmodal": 1, "done": 2}
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the fix."""
+    """A checkpoint that cannot be used; the message names the file and the fix (``reason``: what is wrong)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -50,12 +58,17 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist", "missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); delete it to fall back to an older one") from None
+        reason = f"unreadable: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        raise CheckpointError(f"checkpoint {str(path)!r} is {reason}; delete it to fall back to an older one",
+                              reason) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, not a pima-hpc "
+                              "checkpoint; delete it to fall back to an older one", "not a pima-hpc checkpoint")
+    return payload
 
 
 class CheckpointManager:
@@ -79,11 +92,15 @@ class CheckpointManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{name}.pt"
         save_checkpoint(path, payload)
-        history = [h for h in self._history() if h != path.name] + [path.name]
-        for old in history[:-self.keep]:
-            (self.dir / old).unlink(missing_ok=True)
-        history = history[-self.keep:]
+        history = ([h for h in self._history() if h != path.name] + [path.name])[-self.keep:]
+        # The pointer first, then the deletions: a kill in between leaves only extra files.
         atomic_write_text(self.pointer, json.dumps({"latest": path.name, "history": history}, indent=1))
+        for old in self.dir.glob("ckpt-*.pt"):  # rotated ones, and any a kill orphaned before its pointer
+            if old.name not in history:
+                old.unlink(missing_ok=True)
+        for tmp in self.dir.glob(".*.tmp-*"):  # temp files of writers killed mid-write (only one writer per run)
+            if not tmp.name.endswith(f".tmp-{os.getpid()}"):
+                tmp.unlink(missing_ok=True)
         if best:
             save_checkpoint(self.dir / "best.pt", payload)
         return path
@@ -94,18 +111,28 @@ class CheckpointManager:
     def load_latest(self) -> tuple[dict, Path] | None:
         """The newest readable checkpoint (falling back to older ones, with a warning), or None if none."""
         names = self._history()
-        if not names and self.dir.is_dir():
-            names = sorted(p.name for p in self.dir.glob("ckpt-*.pt"))
+        if not names and self.dir.is_dir():  # no pointer (lost, or a kill before the first one): by progress
+            names = sorted((p.name for p in self.dir.glob("ckpt-*.pt")), key=_progress_key)
         errors = []
         for name in reversed(names):
             path = self.dir / name
             try:
                 payload = load_checkpoint(path)
             except CheckpointError as exc:
-                errors.append(str(exc))
+                errors.append(f"{name}: {exc.reason}")
                 log.warning("%s; trying the previous checkpoint", exc)
                 continue
             return payload, path
         if errors:
-            raise CheckpointError("no usable checkpoint in " + str(self.dir) + ": " + "; ".join(errors))
+            # Never a silent restart from scratch: the run directory says training happened.
+            raise CheckpointError(f"no usable checkpoint in {str(self.dir)!r} ({'; '.join(errors)}); restore one, "
+                                  "or delete the checkpoints directory to start this run over")
         return None
+
+
+def _progress_key(name: str) -> tuple:
+    """Sort key of ``ckpt-<stage>-e<epoch>-s<step>.pt`` names in training order."""
+    m = re.fullmatch(r"ckpt-(\w+)-e(\d+)-s(\d+)\.pt", name)
+    if m is None:
+        return (-1, 0, 0)
+    return (STAGE_ORDER.get(m[1], -1), int(m[2]), int(m[3]))

@@ -51,7 +51,7 @@ def em_pass(model: PIMA, reader, batch_size: int, collective, device, curve_memo
     was_training = model.training
     model.eval()
     c, l = model.cfg.n_clusters, model.cfg.latent_dim
-    latent = StreamingStatistics({"n0": (c,), "n1": (c, l), "n2": (c, l), "count": (), "agree": ()})
+    latent = StreamingStatistics({"n0": (c,), "n1": (c, l), "n2": (c, l), "count": ()})
     curves = new_curve_statistics(model)
     for batch in reader.iter_batches(batch_size, shuffle=False):
         batch = to_device(batch, device)
@@ -60,9 +60,6 @@ def em_pass(model: PIMA, reader, batch_size: int, collective, device, curve_memo
         log_q = model.cluster_log_posterior(batch, mu, logvar, mu)
         gamma = log_q.exp().double().cpu().numpy()
         latent.add(**latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy()))
-        # How often the latent code alone names the same cluster as q(c|X) (warm-up criterion).
-        agree = (model.log_responsibilities(mu).argmax(-1) == log_q.argmax(-1)).sum()
-        latent.add(agree=np.array(float(agree)))
         for name in model.curve_names:
             curves[name].add(**curve_statistics(gamma, batch[name].double().cpu().numpy()))
     reduce_all(collective, [latent] + [curves[n] for n in model.curve_names])
@@ -73,6 +70,22 @@ def em_pass(model: PIMA, reader, batch_size: int, collective, device, curve_memo
             curves[name].merge(prev)
     model.train(was_training)
     return latent, curves
+
+
+@torch.no_grad()
+def agreement(model: PIMA, reader, batch_size: int, collective, device) -> float:
+    """Fraction of samples whose latent code alone (p(c|z=mu)) names the cluster q(c|X) names."""
+    was_training = model.training
+    model.eval()
+    hits = 0.0
+    for batch in reader.iter_batches(batch_size, shuffle=False):
+        batch = to_device(batch, device)
+        mu, logvar = model.encode(batch)
+        same = model.log_responsibilities(mu).argmax(-1) == model.cluster_log_posterior(batch, mu, logvar, mu).argmax(-1)
+        hits += float(same.sum())
+    total = collective.allreduce_sum([np.array([hits, len(reader)])])[0]
+    model.train(was_training)
+    return float(total[0] / max(total[1], 1.0))
 
 
 @torch.no_grad()

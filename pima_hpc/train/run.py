@@ -3,7 +3,11 @@ Slurm scripts and Ray Tune)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -22,8 +26,26 @@ def make_context(cfg: Config):
         return LocalContext(), None, lambda ctx: None
     from pima_hpc.distributed import shutdown
     from pima_hpc.distributed.ddp import wrap_ddp
-    ctx = setup_distributed(device=cfg.device)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        _stop_with_parent()
+    ctx = setup_distributed(backend=cfg.dist.backend, collective=cfg.dist.collective,
+                            timeout_s=cfg.dist.timeout_s, device=cfg.device)
     return ctx, (lambda m: wrap_ddp(m, ctx)), shutdown
+
+
+def _stop_with_parent() -> None:
+    """Under torchrun's agent: its death becomes a SIGTERM to this worker (Linux ``PR_SET_PDEATHSIG``).
+
+    torchrun does not relay SIGUSR1 by default (it dies of it) and relays nothing when SIGKILLed;
+    its orphaned workers would otherwise train on unsupervised. The SIGTERM makes them checkpoint
+    after the current step and exit 75, like any other stop request (docs/reliability.md).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.warning("could not ask to be stopped with torchrun's agent; if it dies, stop this worker by hand")
 
 
 def train_from_config(cfg: Config, report=None) -> int:
@@ -46,6 +68,9 @@ def train_from_config(cfg: Config, report=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        # Drop the last reference to the networks too, so shutdown's gc.collect() frees DDP's
+        # communication hooks before its barrier and destroy_process_group().
+        trainer = None
         shutdown(ctx)
 
 

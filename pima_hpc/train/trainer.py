@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pima_hpc.collective import Collective
-from pima_hpc.config import Config, config_hash, save_config, to_dict
+from pima_hpc.config import Config, ConfigError, config_hash, save_config, to_dict
 from pima_hpc.data.loading import has_split, open_run_split
 from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label, table_metrics
 from pima_hpc.model.elbo import crossmodal_kl
@@ -77,15 +77,22 @@ class SignalFlag:
     """SIGTERM/SIGUSR1 ask for a checkpoint at the end of the current step; a second one exits now."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    # A signal sent to a whole process group under torchrun reaches a worker twice (directly and
+    # relayed by the agent) within milliseconds: that is still one request, not "exit now".
+    DUPLICATE_WINDOW_S = 1.0
 
     def __init__(self):
         self.requested = False
+        self._first = 0.0
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._first < self.DUPLICATE_WINDOW_S:
+                return
             os._exit(128 + signum)
         self.requested = True
+        self._first = time.monotonic()
         log.warning("received signal %d: will checkpoint after the current step and exit", signum)
 
     def install(self):
@@ -108,17 +115,48 @@ def _step_seed(*parts: int) -> int:
 
 
 def _rng_state() -> dict:
+    """The global torch, numpy and Python generators, in types ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
             "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)],
-            "python": list(random.getstate()[1]), "python_pos": random.getstate()[1][-1]}
+            "python": list(internal), "python_gauss": gauss_next}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_gauss"][0], state["numpy_gauss"][1]))
-    random.setstate((3, tuple(state["python"]), None))
+    # random.gauss() caches its second draw: without it the next gauss() would differ.
+    random.setstate((3, tuple(state["python"]), state.get("python_gauss")))
+
+
+def _changed_keys(old: dict | None, new: dict, prefix: str = "") -> str:
+    """``"model.latent_dim: 3 -> 4, ..."`` for the checkpoint-relevant keys that differ ("" if unknown)."""
+    if not old:
+        return ""
+    out = []
+    for key in sorted(old):
+        a, b = old[key], new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _changed_keys(a, b, f"{prefix}{key}.")
+            out += [inner] if inner else []
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return ", ".join(out)
+
+
+def _injected_nan_step() -> int | None:
+    """Test hook (tests/test_faults.py, docs/reliability.md): ``PIMA_FAULT_INJECT=nan_at_step:N`` turns
+    the ``recon`` term to NaN at multimodal step N, counted from 1 over the whole run
+    (``epoch * steps_per_epoch + step + 1``), on every rank. The only place the variable is read."""
+    spec = os.environ.get("PIMA_FAULT_INJECT", "")
+    if not spec:
+        return None
+    kind, _, n = spec.partition(":")
+    if kind != "nan_at_step" or not n.isdigit() or int(n) < 1:
+        raise ConfigError(f"PIMA_FAULT_INJECT={spec!r}: expected nan_at_step:N with N >= 1 (or unset it)")
+    return int(n)
 
 
 class Trainer:
@@ -147,6 +185,11 @@ class Trainer:
 
         self.model = PIMA(self.spec, cfg.model).to(self.device)
         if cfg.train.sync_batchnorm and world > 1:
+            if self.device.type != "cuda":
+                # torch's SyncBatchNorm raises on CPU tensors, and only at the first training step.
+                raise ConfigError("config key 'train.sync_batchnorm': torch's SyncBatchNorm needs CUDA devices; "
+                                  "on CPU set train.sync_batchnorm=false (BatchNorm then uses each rank's "
+                                  "batch statistics and rank 0's running statistics, see docs/distributed.md)")
             self.model.encoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.encoders)
             self.model.decoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.decoders)
         # Closed-form EM replaces Adam for whatever it sets (otherwise the two would fight).
@@ -162,6 +205,7 @@ class Trainer:
         self.state = {"stage": "multimodal", "epoch": 0, "step": 0, "initialized": False, "warm": True,
                       "history": [], "best_val_elbo": -math.inf, "init": {}}
         self.signals = SignalFlag()
+        self.nan_at_step = _injected_nan_step()
 
     # ----- bookkeeping -------------------------------------------------------------------------
     @property
@@ -180,6 +224,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "state": json.loads(json.dumps(self.state)),
             "config_hash": config_hash(self.cfg),
+            "config": {k: v for k, v in to_dict(self.cfg).items() if k in ("data", "model")},  # names a mismatch
             "rng": _rng_state(),
             "curve_memory": ({n: {k: torch.from_numpy(v) for k, v in st.values.items()}
                               for n, st in self.curve_memory.items()} if self.curve_memory else None),
@@ -190,9 +235,18 @@ class Trainer:
         return payload
 
     def save(self, best: bool = False) -> None:
+        s = self.state
+        name = f"ckpt-{s['stage']}-e{s['epoch']:04d}-s{s['step']:06d}"
+        # Never write a checkpoint a resume would choke on: non-finite weights stop the run instead.
+        bad = [f"{m}.{k}" for m, module in (("model", self.model), ("crossmodal", self.crossmodal))
+               if module is not None for k, v in module.state_dict().items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+        if self._agree([float(bool(bad))])[0] > 0:
+            raise NonFiniteError(f"non-finite parameters ({', '.join(bad[:4]) or 'on another rank'}) at {name}; "
+                                 f"not saved, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept; "
+                                 "lower train.lr or check the data for NaN/Inf")
         if self.is_root:
-            s = self.state
-            self.ckpt.save(self._payload(), f"ckpt-{s['stage']}-e{s['epoch']:04d}-s{s['step']:06d}", best)
+            self.ckpt.save(self._payload(), name, best)
         self.collective.barrier()
 
     def try_resume(self) -> bool:
@@ -202,12 +256,18 @@ class Trainer:
             return False
         payload, path = found
         if payload.get("config_hash") != config_hash(self.cfg):
-            raise ResumeError(f"run directory {str(self.run_dir)!r} holds a checkpoint of a different model or "
-                              f"dataset config ({path.name}); use a new run_dir or restore its config.yaml")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.state = payload["state"]
-        _set_rng_state(payload["rng"])
+            changed = _changed_keys(payload.get("config"), to_dict(self.cfg))
+            raise ResumeError(f"run directory {str(self.run_dir)!r} holds a checkpoint ({path.name}) of a different "
+                              f"model or data config{' (' + changed + ')' if changed else ''}; use a new run_dir, "
+                              "or restore those settings (the run's config.yaml has them)")
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.state = payload["state"]
+            _set_rng_state(payload["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # e.g. written by another pima-hpc version
+            raise ResumeError(f"checkpoint {str(path)!r} does not fit this model ({type(exc).__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0][:160]}); use a new run_dir") from None
         if payload.get("curve_memory"):
             self.curve_memory = em.new_curve_statistics(self.model)
             for n, vals in payload["curve_memory"].items():
@@ -225,6 +285,26 @@ class Trainer:
         if self.ctx.world_size == 1:
             return np.asarray(flags, dtype=np.float64)
         return self.collective.allreduce_sum([np.asarray(flags, dtype=np.float64)])[0]
+
+    @torch.no_grad()
+    def _sync_batchnorm_stats(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's BatchNorm running statistics at the end of an epoch.
+
+        DDP broadcasts rank 0's buffers at the START of each forward, so after an epoch's last step
+        every rank holds running statistics updated by its own last batch. The EM pass, validation,
+        evaluation and checkpoints use the unwrapped model in eval mode, and would otherwise see a
+        slightly different encoder on each rank. Rank 0 sends its values and the others zeros: x + 0
+        is exact, so this is a bitwise broadcast through the one collective interface.
+        """
+        if self.ctx.world_size == 1:
+            return
+        bufs = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        if not bufs:
+            return
+        mine = [b.double().cpu().numpy() if self.ctx.rank == 0 else np.zeros(tuple(b.shape)) for b in bufs]
+        for b, v in zip(bufs, self.collective.allreduce_sum(mine)):
+            b.copy_(torch.as_tensor(v, dtype=b.dtype))
 
     # ----- the multimodal stage ----------------------------------------------------------------
     def initialise(self) -> None:
@@ -244,10 +324,11 @@ class Trainer:
     def closed_form_updates(self) -> None:
         """The EM half of Algorithm 1 (eq 16 and optional variances/weights) and eq 17 for the experts.
 
-        During the warm-up the cluster means stay at their initial, well-separated positions, and
-        the warm-up ends (at least ``warmup_epochs``, at most ``max_warmup_epochs``) once the
-        latent code alone, p(c|z=mu), names the same cluster as q(c|X) on ``warmup_agreement`` of
-        the training set: an unsupervised check that the clusters have formed in latent space.
+        During the warm-up the cluster means stay at their initial, well-separated positions. From
+        ``warmup_epochs`` on, the M-step is tried: if the latent code alone, p(c|z=mu), then names
+        the same cluster as q(c|X) on ``warmup_agreement`` of the training set (an unsupervised
+        check that the clusters have formed in latent space) it is kept and the warm-up ends;
+        otherwise the means go back to their anchors, at most until ``max_warmup_epochs``.
         """
         t = self.cfg.train
         latent, curves = em.em_pass(self.model, self.train_data, t.batch_size * 4, self.collective, self.device,
@@ -255,14 +336,19 @@ class Trainer:
         em.apply_expert_solve(self.model, curves, t.ridge, self.cfg.model.expert_noise,
                               self.cfg.model.expert_noise_floor)
         self.curve_memory = curves if t.rls_forgetting > 0 else None
-        agreement = float(latent["agree"] / max(float(latent["count"]), 1.0))
-        self.state.setdefault("agreement", []).append(agreement)
         epoch = self.state["epoch"]
+        if self.state["warm"] and epoch < t.warmup_epochs:
+            return
+        anchors = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                   if k in ("cluster_means", "cluster_logvars", "pi_logits")}
+        em.apply_gmm_m_step(self.model, latent, t.em_variances, t.em_weights)
         if self.state["warm"]:
-            self.state["warm"] = epoch < t.max_warmup_epochs and (
-                epoch < t.warmup_epochs or agreement < t.warmup_agreement)
-        if not self.state["warm"]:
-            em.apply_gmm_m_step(self.model, latent, t.em_variances, t.em_weights)
+            agreement = em.agreement(self.model, self.train_data, t.batch_size * 4, self.collective, self.device)
+            self.state.setdefault("agreement", []).append(agreement)
+            if agreement >= t.warmup_agreement or epoch >= t.max_warmup_epochs:
+                self.state["warm"] = False
+            else:
+                self.model.load_state_dict(anchors, strict=False)
 
     def _check_finite(self, terms: dict, loss: torch.Tensor, where: str) -> None:
         bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
@@ -283,19 +369,26 @@ class Trainer:
         self.model.train()
         batches = self.train_data.batch_index_lists(t.batch_size, epoch, self.cfg.seed, shuffle=True)
         counts = self.train_data.global_counts(t.batch_size)
-        sums = {}
+        if t.max_steps_per_epoch:  # every rank plans the same number of steps, so all stop together
+            batches = batches[:t.max_steps_per_epoch]
+        # A resume mid-epoch (from a signal's checkpoint) continues the epoch's sums: exact metrics.
+        partial = self.state.get("partial_sums") if self.state["step"] else None
+        sums, seen = (dict(partial["sums"]), partial["seen"]) if partial else ({}, 0)
         bar = self._progress(len(batches), f"epoch {epoch + 1}/{t.epochs}")
         start = self.state["step"]
         if bar is not None:
             bar.update(start)
         for step in range(start, len(batches)):
             batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
+            seen += len(batches[step])
             gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, 0, epoch, step, self.ctx.rank))
             # Warm-up with the paper's p(c|z) needs the experts' opinion (eq 19): untrained encoders
             # carry no cluster information yet. The joint q(c) already includes it.
             use_experts = warm and self.cfg.model.cluster_posterior == "latent" and self.model.curve_names
             q_c = self.model.expert_log_posterior(batch).exp().detach() if use_experts else None
             terms = self.net(batch, gen, q_c)
+            if self.nan_at_step == epoch * len(batches) + step + 1:
+                terms = {**terms, "recon": terms["recon"] * float("nan")}
             per_sample = elbo_from_terms(terms, w.recon_weight, w.expert_weight, w.prior_weight)
             # Sum over this rank's samples / global count, times world size: DDP's gradient average
             # then equals the gradient of the per-sample mean over the global batch.
@@ -308,6 +401,7 @@ class Trainer:
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.sum())
                 sums["elbo"] = sums.get("elbo", 0.0) + float(per_sample.sum())
+            self.state["partial_sums"] = {"sums": sums, "seen": seen}
             self._check_finite(terms, loss, f"stage multimodal, epoch {epoch + 1}, step {step + 1}")
             if bar is not None:
                 bar.update(1)
@@ -315,8 +409,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(loss) / self.ctx.world_size:.3f}")
         if bar is not None:
             bar.close()
+        self._sync_batchnorm_stats(self.model)
+        self.state.pop("partial_sums", None)
         keys = sorted(sums)
-        totals = self.collective.allreduce_sum([np.array([sums.get(k, 0.0) for k in keys] + [len(self.train_data)])])[0]
+        # Means over the samples this epoch actually visited (a step cap or a resume visits fewer).
+        totals = self.collective.allreduce_sum([np.array([sums.get(k, 0.0) for k in keys] + [seen])])[0]
         return {f"train_{k}": float(v / totals[-1]) for k, v in zip(keys, totals[:-1])}
 
     @torch.no_grad()
@@ -430,6 +527,8 @@ class Trainer:
     def _build_crossmodal(self) -> None:
         torch.manual_seed(self.cfg.seed + 1)
         self.crossmodal = CrossModalEncoders(self.spec, self.cfg.model).to(self.device)
+        if self.cfg.train.sync_batchnorm and self.ctx.world_size > 1:  # CUDA only, checked in __init__
+            self.crossmodal = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.crossmodal)
         self.xm_net = self.wrap_ddp(self.crossmodal)
         self.xm_optimizer = torch.optim.Adam(self.crossmodal.parameters(), lr=self.cfg.crossmodal.lr)
 
@@ -452,7 +551,8 @@ class Trainer:
             batches = self.train_data.batch_index_lists(x.batch_size, epoch, self.cfg.seed + 7, shuffle=True)
             counts = self.train_data.global_counts(x.batch_size)
             bar = self._progress(len(batches), f"cross-modal {epoch + 1}/{x.epochs}")
-            kl_sum = np.zeros(len(self.spec.names))
+            partial = self.state.get("partial_sums") if self.state["step"] else None
+            kl_sum = np.array(partial["kl"]) if partial else np.zeros(len(self.spec.names))
             for step in range(self.state["step"], len(batches)):
                 batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
                 with torch.no_grad():
@@ -465,13 +565,16 @@ class Trainer:
                 loss.backward()
                 self.xm_optimizer.step()
                 self.state["step"] = step + 1
-                kl_sum += [float(k.sum()) for k in kls]
+                kl_sum += [float(k.detach().sum()) for k in kls]
+                self.state["partial_sums"] = {"kl": kl_sum.tolist()}
                 self._check_finite({f"kl_{n}": k for n, k in zip(self.spec.names, kls)}, loss,
                                    f"stage crossmodal, epoch {epoch + 1}, step {step + 1}")
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
                 bar.close()
+            self._sync_batchnorm_stats(self.crossmodal)
+            self.state.pop("partial_sums", None)
             tot = self.collective.allreduce_sum([np.append(kl_sum, len(self.train_data))])[0]
             metrics = {f"kl_{n}": float(v / tot[-1]) for n, v in zip(self.spec.names, tot[:-1])}
             metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - tic)
@@ -488,14 +591,44 @@ class Trainer:
             self.save()
 
     # ----- the whole run -----------------------------------------------------------------------
+    def _check_finished_run(self) -> None:
+        """A finished run (stage "done") is final. Running it again only re-evaluates it (as needed
+        after a kill between its last checkpoint and metrics.json), and adding the cross-modal stage
+        trains that stage; asking for more epochs than it trained is an error, because its final
+        closed-form pass has run and training on would not give what a longer run gives."""
+        if self.state["stage"] != "done":
+            return
+        history = self.state["history"]
+        trained = {"multimodal": sum("stage" not in h for h in history),
+                   "crossmodal": sum(h.get("stage") == "crossmodal" for h in history)}
+        asked = {"multimodal": ("train.epochs", self.cfg.train.epochs),
+                 "crossmodal": ("crossmodal.epochs", self.cfg.crossmodal.epochs)}
+        more = [f"{asked[s][0]}={asked[s][1]} but it trained {trained[s]}" for s in self.cfg.stages
+                if asked[s][1] > trained[s] and (s == "multimodal" or self.crossmodal is not None)]
+        if more:
+            raise ResumeError(f"run directory {str(self.run_dir)!r} holds a finished run ({'; '.join(more)}); "
+                              "a finished run is not extended: use a new run_dir, or ask for at most the "
+                              "epochs it trained to re-evaluate it")
+        if not ("crossmodal" in self.cfg.stages and self.crossmodal is None):
+            log.info("run directory %s holds a finished run: evaluating it again", self.run_dir)
+
     def run(self) -> dict:
         """Train the configured stages (resuming if the run directory has a checkpoint) and evaluate."""
         tic = time.perf_counter()
-        if self.is_root:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
-        self.collective.barrier()
+        # Resume (or refuse to) before writing anything: a refused config must not overwrite the
+        # config.yaml that describes the checkpoints already there.
         self.try_resume()
+        self._check_finished_run()
+        problem = None
+        if self.is_root:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, self.run_dir / "config.yaml")
+            except OSError as exc:
+                problem = f"cannot write to {str(self.run_dir)!r} ({exc.strerror or exc})"
+        if self._agree([float(problem is not None)])[0] > 0:  # also the barrier: every rank stops together
+            raise ConfigError(f"config key 'run_dir': {problem or 'rank 0 cannot write to it'}; "
+                              "choose a writable directory")
         self.signals.install()
         try:
             if "multimodal" in self.cfg.stages and self.state["stage"] == "multimodal":

@@ -21,7 +21,7 @@ pima_die() {
 # package imports, and set PIMA_NODES (array) and PIMA_HEAD (first node of the allocation).
 pima_setup() {
     [[ -n ${SLURM_JOB_ID:-} ]] || pima_die "not inside a Slurm job: submit this script with sbatch"
-    cd "$PIMA_ROOT" || pima_die "cannot cd to PIMA_ROOT=$PIMA_ROOT"
+    cd "${PIMA_ROOT:?the batch script sets PIMA_ROOT before sourcing common.sh}" || pima_die "cannot cd to PIMA_ROOT=$PIMA_ROOT"
 
     local venv=${PIMA_VENV:-$PIMA_ROOT/.venv}
     if [[ -x $venv/bin/python ]]; then
@@ -36,6 +36,12 @@ pima_setup() {
     command -v python3 >/dev/null || pima_die "python3 not found on PATH on $(hostname -s)"
     python3 -c 'import pima_hpc' 2>/dev/null ||
         pima_die "python3 ($(command -v python3)) cannot import pima_hpc; run 'make venv' in $PIMA_ROOT or set PIMA_VENV"
+
+    local name
+    for name in PIMA_NPROC PIMA_GPUS_PER_NODE PIMA_NODE_CPUS PIMA_RDZV_PORT PIMA_MAX_REQUEUES; do
+        [[ -z ${!name:-} || ${!name} =~ ^[0-9]+$ ]] || pima_die "$name must be a whole number, got '${!name}'"
+    done
+    [[ ${PIMA_NPROC:-1} != 0 ]] || pima_die "PIMA_NPROC must be at least 1"
 
     mapfile -t PIMA_NODES < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
     ((${#PIMA_NODES[@]} > 0)) || pima_die "could not expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"
@@ -83,9 +89,10 @@ pima_launch_command() {
             # Slurm signals every process of a step (the agent and its workers). The workers
             # checkpoint on the first SIGUSR1/SIGTERM; the agent must not relay a second one
             # (the trainer treats a second signal as "exit now"), so it ignores both: bash's
-            # `trap ''` is inherited through exec, and torchrun only installs handlers for the
-            # signals in TORCHELASTIC_SIGNALS_TO_HANDLE.
-            export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+            # `trap ''` is inherited through exec, and torchrun installs handlers only for its
+            # --signals-to-handle, whose default (which has SIGTERM) PET_SIGNALS_TO_HANDLE
+            # replaces. (torchrun releases without that option handle SIGTERM regardless.)
+            export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
             export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((node_cpus / nproc > 0 ? node_cpus / nproc : 1))}
             PIMA_CMD=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1
                 --cpus-per-task="$node_cpus" "${srun_extra[@]}"
@@ -137,8 +144,8 @@ pima_launch_command() {
     esac
 }
 
-# pima_forward SIG: the batch shell got SIG (--signal=B:USR1@120, `scancel --batch --signal`,
-# or Slurm's SIGTERM before the kill); pass it on to the running launcher once.
+# _pima_forward SIG: the batch shell got SIG (--signal=B:USR1@120, `scancel --batch --signal`,
+# or Slurm's SIGTERM when it ends the job); pass it on to the running launcher.
 _pima_forward() {
     local sig=$1
     pima_log "received SIG$sig; forwarding it to the trainer (pid ${_PIMA_CHILD:-none})"
@@ -149,8 +156,13 @@ _pima_forward() {
 }
 
 # pima_run_requeueable CMD...: run CMD in the background with USR1/TERM forwarded to it, wait,
-# and requeue the job when it stopped to be resumed: exit 75, or any failure after a forwarded
-# signal (torchrun reports its workers' 75 as a plain failure). Returns CMD's exit status.
+# and requeue the job if CMD stopped to be resumed. Returns CMD's exit status (0 if requeued).
+#
+# Requeue when CMD exits 75, or fails after a forwarded SIGUSR1 (torchrun reports its workers'
+# 75 as a plain failure). Never after a SIGTERM: Slurm sends that when the job is cancelled,
+# out of time or preempted, and `scontrol requeue` would then undo a user's scancel (it
+# succeeds on a job that is being cancelled). Time limits are covered by the SIGUSR1 that
+# --signal=B:USR1@120 sends before the SIGTERM.
 pima_run_requeueable() {
     _PIMA_SIGNALS=""
     _PIMA_CHILD=""
@@ -167,10 +179,12 @@ pima_run_requeueable() {
     wait "$_PIMA_CHILD" || rc=$?
     trap - USR1 TERM
 
-    if ((rc == 0)); then
-        return 0
+    ((rc == 0)) && return 0
+    if [[ $_PIMA_SIGNALS == *TERM* ]]; then
+        pima_log "trainer stopped after SIGTERM (exit $rc): the job is ending (scancel, time limit or preemption), so it is not requeued; its last checkpoint is in ${PIMA_RUN_DIR_USED:-the run directory}: resubmit with PIMA_RUN_DIR set to it to resume"
+        return "$rc"
     fi
-    if ((rc != PIMA_EXIT_REQUEUE)) && [[ -z $_PIMA_SIGNALS ]]; then
+    if ((rc != PIMA_EXIT_REQUEUE)) && [[ $_PIMA_SIGNALS != *USR1* ]]; then
         pima_log "trainer failed with exit status $rc"
         return "$rc"
     fi
@@ -184,7 +198,7 @@ pima_run_requeueable() {
         # Slurm now ends this run of the script; the next one resumes from the run directory.
         return 0
     fi
-    pima_log "scontrol requeue $SLURM_JOB_ID failed (the job may be ending: cancelled or out of time); the run directory keeps the checkpoint, resubmit to resume"
+    pima_log "scontrol requeue $SLURM_JOB_ID failed; the checkpoint is in ${PIMA_RUN_DIR_USED:-the run directory}: resubmit with PIMA_RUN_DIR set to it to resume"
     return "$rc"
 }
 
@@ -197,6 +211,7 @@ pima_train_job() {
     [[ -f $config ]] || pima_die "config '$config' not found (PIMA_CONFIG; relative paths are from $PIMA_ROOT)"
     # One run directory per job id: a requeued job (same id) resumes from its checkpoint.
     local run_dir=${PIMA_RUN_DIR:-runs/${SLURM_JOB_NAME:-pima}-$SLURM_JOB_ID}
+    PIMA_RUN_DIR_USED=$run_dir
     local -a overrides=()
     read -r -a overrides <<<"${PIMA_OVERRIDES:-}"
     local -a args=(train "$config" "run_dir=$run_dir")

@@ -88,6 +88,10 @@ node_state() {
     SLURM_CONF=$CONF sinfo -h -N -n "$NODE" -o '%t' 2>/dev/null | head -n 1
 }
 
+port_in_use() { # port_in_use PORT -> 0 when something on this host accepts connections there
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
 dump_logs() {
     local f
     for f in "$LOG_DIR"/munged.log "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log; do
@@ -95,6 +99,12 @@ dump_logs() {
         echo "----- last lines of $f -----" >&2
         tail -n 40 "$f" >&2
     done
+}
+
+fail() { # fail MESSAGE: show the daemons' logs, stop what this run started, exit 1
+    dump_logs
+    "$(dirname "${BASH_SOURCE[0]}")/slurm_down.sh" --quiet || true
+    die "$*"
 }
 
 write_env_file() {
@@ -184,27 +194,35 @@ mv -f "$CONF.tmp" "$CONF"
 export SLURM_CONF=$CONF
 
 # --- 3. daemons --------------------------------------------------------------------------
+for p in "$CTLD_PORT" "$SLURMD_PORT"; do
+    port_in_use "$p" && die "port $p is already in use (another Slurm cluster?); stop it, or choose other ports with PIMA_SLURMCTLD_PORT / PIMA_SLURMD_PORT"
+done
+# Fresh logs for this start (the previous ones are kept as *.log.prev), so a failure shows its own.
+for f in munged slurmctld slurmd; do
+    [[ -f $LOG_DIR/$f.log ]] && mv -f "$LOG_DIR/$f.log" "$LOG_DIR/$f.log.prev"
+done
 log "starting munged (socket $MUNGE_SOCKET)"
 munged --socket="$MUNGE_SOCKET" --key-file="$MUNGE_KEY_DIR/munge.key" \
     --pid-file="$RUN_DIR/munged.pid" --log-file="$LOG_DIR/munged.log" \
     --seed-file="$MUNGE_DIR/munged.seed" ||
-    { dump_logs; die "munged failed to start"; }
+    fail "munged failed to start"
 for _ in $(seq 50); do
     [[ -S $MUNGE_SOCKET ]] && break
     sleep 0.1
 done
-[[ -S $MUNGE_SOCKET ]] || { dump_logs; die "munged did not create its socket $MUNGE_SOCKET"; }
+[[ -S $MUNGE_SOCKET ]] || fail "munged did not create its socket $MUNGE_SOCKET"
 if command -v munge >/dev/null && command -v unmunge >/dev/null; then
     munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET" >/dev/null ||
-        { dump_logs; die "munge round trip through $MUNGE_SOCKET failed"; }
+        fail "munge round trip through $MUNGE_SOCKET failed"
 fi
 
 log "starting slurmctld (port $CTLD_PORT)"
-slurmctld -f "$CONF" || { dump_logs; die "slurmctld failed to start"; }
+slurmctld -f "$CONF" || fail "slurmctld failed to start"
 log "starting slurmd (node $NODE, $CPUS CPUs, port $SLURMD_PORT)"
-slurmd -f "$CONF" || { dump_logs; die "slurmd failed to start"; }
+slurmd -f "$CONF" || fail "slurmd failed to start"
 
 # --- 4. wait for the node ---------------------------------------------------------------
+started=$SECONDS
 deadline=$((SECONDS + WAIT_S))
 state=""
 while ((SECONDS < deadline)); do
@@ -216,14 +234,18 @@ while ((SECONDS < deadline)); do
             SLURM_CONF=$CONF scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
     esac
     for f in munged slurmctld slurmd; do
-        pid_alive "$RUN_DIR/$f.pid" || { dump_logs; die "$f exited during start-up (logs above, all in $LOG_DIR)"; }
+        # The daemons write their pid files a moment after forking into the background.
+        if [[ -s $RUN_DIR/$f.pid ]]; then
+            pid_alive "$RUN_DIR/$f.pid" || fail "$f exited during start-up (logs above, all in $LOG_DIR)"
+        elif ((SECONDS > started + 20)); then
+            fail "$f wrote no pid file ($RUN_DIR/$f.pid) in 20 s (logs above, all in $LOG_DIR)"
+        fi
     done
     sleep 1
 done
 if [[ ! $state =~ ^(idle|mix|alloc) ]]; then
     SLURM_CONF=$CONF scontrol show node "$NODE" >&2 2>/dev/null || true
-    dump_logs
-    die "node $NODE not idle after ${WAIT_S}s (state '${state:-no answer from slurmctld}'; logs above, all in $LOG_DIR)"
+    fail "node $NODE not idle after ${WAIT_S}s (state '${state:-no answer from slurmctld}'; logs above, all in $LOG_DIR)"
 fi
 
 write_env_file
