@@ -76,9 +76,9 @@ class ModelConfig:
     cluster_posterior: str = "joint"
     # Initial cluster means: distance between the closest pair (expert init) or the radius they
     # are spread on (random init), in latent units.
-    cluster_init_scale: float = 3.0
+    cluster_init_scale: float = 4.0
     # "spread": farthest points on a sphere; "physics": laid out like the clusters' expert fits.
-    cluster_init_layout: str = "spread"
+    cluster_init_layout: str = "physics"
 
     def __post_init__(self):
         _check(self.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {self.latent_dim}")
@@ -163,11 +163,15 @@ class CrossModalConfig:
     epochs: int = 4
     batch_size: int = 128
     lr: float = 2e-3
+    # Gradient-norm clip (0 = off): a sharp multimodal posterior (a confident curve encoder) makes
+    # single KL steps huge early on, and an unclipped image encoder can diverge.
+    grad_clip: float = 10.0
 
     def __post_init__(self):
         _check(self.epochs >= 0, "crossmodal.epochs", f"must be >= 0, got {self.epochs}")
         _check(self.batch_size >= 2, "crossmodal.batch_size", f"must be >= 2, got {self.batch_size}")
         _check(self.lr > 0, "crossmodal.lr", f"must be > 0, got {self.lr}")
+        _check(self.grad_clip >= 0, "crossmodal.grad_clip", "must be >= 0")
 
 
 @dataclass

@@ -50,7 +50,7 @@ class TuneError(ConfigError):
 
 TUNE_KEYS = ("base", "overrides", "space", "num_samples", "scheduler", "search", "search_seed",
              "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_concurrent_trials",
-             "metric", "storage_path", "name")
+             "metric", "mode", "storage_path", "name")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
 SCHEDULERS = ("asha", "fifo")
 SEARCHES = ("random", "optuna")
@@ -72,7 +72,6 @@ RESERVED = {
     "train.progress": "trials show no progress bars",
 }
 
-# Swept when CONFIG is a plain training config rather than a tune file (slurm/tune.sh's default).
 DEFAULT_NUM_SAMPLES = 8
 DEFAULT_STORAGE = "runs/tune"
 
@@ -98,9 +97,6 @@ class Distribution:
     def corners(self) -> list:
         """The values worth validating: both ends of a range, every choice."""
         return list(self.args)
-
-    def describe(self) -> str:
-        return f"{self.kind}{json.dumps(self.args)}"
 
 
 @dataclass
@@ -132,7 +128,9 @@ class TuneSpec:
 
 
 def _did_you_mean(word: str, choices) -> str:
-    guess = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    word, choices = str(word), [str(c) for c in choices]
+    guess = difflib.get_close_matches(word, choices, n=1, cutoff=0.6) or [
+        c for c in choices if len(word) >= 3 and c.startswith(word)][:1]
     return f"; did you mean {guess[0]!r}?" if guess else ""
 
 
@@ -401,6 +399,8 @@ def _fill_settings(spec: TuneSpec, raw: dict, where: str) -> None:
         raise TuneError(f"{where}: metric val_accuracy uses the labels, which an unsupervised model must not be "
                         "selected on; trials are ranked by val_elbo and val_accuracy is only reported")
     one_of("metric", METRICS)
+    if raw.get("mode", "max") != "max":
+        raise TuneError(f"{where}: mode must be 'max' (the ELBO is maximised), got {raw['mode']!r}")
     if raw.get("search_seed") is not None:
         integer("search_seed", 0)
     if raw.get("storage_path") is not None:
@@ -466,6 +466,7 @@ def _check_samples(spec: TuneSpec, base_cfg: Config, where: str) -> None:
 class TrialPlan:
     """What every trial needs, shipped to the trials with ``tune.with_parameters``."""
 
+    experiment_dir: str  # storage_path/name: trial <id> trains in <experiment_dir>/<id>/run
     base_config: str  # the sweep's stored base config (base + overrides, data.path absolute)
     workers_per_trial: int
     cpus_per_worker: float
@@ -487,13 +488,22 @@ def _train(cfg: Config, ctx, wrap, send) -> None:
     """One training run whose multimodal-stage epochs are sent to Ray (Tune or Train)."""
     from pima_hpc.train.trainer import Trainer
 
+    sent = []
+
     def report(stage, epoch, metrics):
         if stage == "multimodal":
-            send({**{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, "epoch": epoch})
+            sent.append(epoch)
+            send({**{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                  "epoch": epoch, "world_size": ctx.world_size})
 
     trainer = Trainer(cfg, ctx, wrap_ddp=wrap, report=report)
     try:
         trainer.run()
+        # A resumed trial whose run had already finished its epochs (the sweep stopped between the
+        # last epoch and Tune recording it) trains nothing: report its last epoch again.
+        history = [h for h in trainer.state["history"] if "stage" not in h]
+        if not sent and history:
+            report("multimodal", history[-1]["epoch"], history[-1])
     finally:
         trainer.close()
 
@@ -503,6 +513,7 @@ def _ddp_worker(loop_config: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
+    from ray.util import get_current_placement_group
 
     from pima_hpc.distributed import DistContext, TorchCollective
     from pima_hpc.distributed.ddp import wrap_ddp
@@ -520,6 +531,9 @@ def _ddp_worker(loop_config: dict) -> None:
     ctx = DistContext(rank=rc.get_world_rank(), local_rank=rc.get_local_rank(), world_size=rc.get_world_size(),
                       device=device, launcher="ray", collective=TorchCollective(stats_group),
                       is_distributed=True, backend=backend, stats_group=stats_group)
+    pg = get_current_placement_group()
+    if ctx.rank == 0 and pg is not None:
+        (Path(loop_config["trial_dir"]) / PG_FILE).write_text(pg.id.hex())
     # Every rank reports: ray.train.report is a barrier, and Ray Train keeps rank 0's metrics.
     _train(cfg, ctx, lambda m: wrap_ddp(m, ctx), ray.train.report)
 
@@ -529,7 +543,10 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     import torch
     from ray import tune
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    # The trial's directory in the sweep's storage (get_trial_dir() is a node-local staging copy),
+    # so a resumed trial finds its checkpoints there, whichever node it runs on.
+    trial_dir = Path(plan.experiment_dir) / tune.get_context().get_trial_id()
+    trial_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(plan.base_config, trial_overrides(plan, config, trial_dir / "run"))
     if plan.workers_per_trial == 1:
         from pima_hpc.train.trainer import LocalContext
@@ -544,7 +561,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
     trainer = TorchTrainer(
-        _ddp_worker, train_loop_config={"cfg": cfg},
+        _ddp_worker, train_loop_config={"cfg": cfg, "trial_dir": str(trial_dir)},
         scaling_config=ScalingConfig(num_workers=plan.workers_per_trial, use_gpu=plan.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="ddp", storage_path=str(trial_dir), callbacks=[TuneReportCallback()]))
@@ -553,6 +570,32 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 
 def _trial_dirname(trial) -> str:
     return trial.trial_id
+
+
+# Where a multi-worker trial's rank 0 records the placement group Ray Train reserved its workers in.
+PG_FILE = "ddp_placement_group"
+
+
+def _free_train_placement_group(trial_dir: Path) -> None:
+    """Release the workers' placement group of a trial that Tune has ended.
+
+    When ASHA stops a trial (early, or at max_t right after its last epoch's report), Tune ends the
+    trainable and with it the Ray Train controller it owns, before the controller can release its
+    placement group. Ray Train's own clean-up of that case asks the Ray state API (served by the
+    dashboard), which a cluster started without the dashboard, or a Ray installed without
+    ``ray[default]``, lacks: the reserved CPUs would stay taken until the sweep ends, and the next
+    trials would wait for them forever.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    path = trial_dir / PG_FILE
+    if not path.is_file():
+        return
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(path.read_text().strip())))
+    if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+        log.debug("removing the placement group of trial %s's workers", trial_dir.name)
+        remove_placement_group(pg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,16 +610,19 @@ def experiment_dir(spec: TuneSpec, resume: bool) -> Path:
     """
     from ray.tune import Tuner
 
-    if spec.name:
+    if spec.name and resume:
         path = spec.storage_path / spec.name
-        if resume and not Tuner.can_restore(str(path)):
+        if not Tuner.can_restore(str(path)):
             raise TuneError(f"--resume: no sweep to resume at {str(path)!r} (no Ray Tune experiment there); "
                             "run without --resume to start it")
-        if not resume and path.exists() and any(path.iterdir()):
+        return path
+    if spec.name or not resume:
+        path = spec.storage_path / (spec.name or f"{spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        # (A directory without a Tune experiment is a sweep that never started: reuse it.)
+        if Tuner.can_restore(str(path)):
             raise TuneError(f"sweep directory {str(path)!r} already exists: continue it with --resume, "
                             "or choose another name=...")
         return path
-    if resume:
         pattern = re.compile(re.escape(spec.stem) + r"-\d{8}-\d{6}")
         found = sorted(p for p in spec.storage_path.glob(f"{spec.stem}-*")
                        if pattern.fullmatch(p.name) and Tuner.can_restore(str(p)))
@@ -584,15 +630,14 @@ def experiment_dir(spec: TuneSpec, resume: bool) -> Path:
             raise TuneError(f"--resume: no sweep of {spec.source.name} to resume under {str(spec.storage_path)!r} "
                             f"(looked for {spec.stem}-<date>-<time>); pass name=... or storage_path=... to "
                             "point at it, or run without --resume")
-        return found[-1]
-    return spec.storage_path / f"{spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return found[-1]
 
 
-def _init_ray(spec: TuneSpec, address: Optional[str], num_cpus: Optional[int], verbose: bool) -> bool:
+def _init_ray(spec: TuneSpec, address: Optional[str], num_cpus: Optional[int], verbose: bool) -> None:
     """Connect to the cluster at ``address`` / $RAY_ADDRESS, else start a local instance.
 
-    A local instance gets at least 4 logical CPUs (more than a laptop's cores is fine: a trial's
-    driver mostly waits) so that multi-worker trials and their drivers fit side by side.
+    A local instance gets at least 4 logical CPUs, more than a laptop's cores: small trials mostly
+    wait on each other's processes, and two-worker trials then run side by side.
     """
     import ray
 
@@ -602,13 +647,16 @@ def _init_ray(spec: TuneSpec, address: Optional[str], num_cpus: Optional[int], v
         if num_cpus is not None:
             raise TuneError("--num-cpus sizes a local Ray instance; a cluster's CPUs are set by `ray start`")
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, **kwargs)
-        return False
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            raise TuneError(f"cannot reach the Ray cluster at {address} (--address / RAY_ADDRESS): "
+                            f"{str(exc).splitlines()[0]}") from None
+        return
     need = spec.workers_per_trial * spec.cpus_per_worker
     cpus = num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1, math.ceil(need))
     # address="local": never attach to whatever cluster a stale /tmp/ray file names.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
-    return True
+    ray.init(address="local", num_cpus=cpus, **kwargs)
 
 
 def _trial_resources(spec: TuneSpec) -> dict:
@@ -646,19 +694,33 @@ def _concurrency(spec: TuneSpec) -> Optional[int]:
     return max(1, fits)
 
 
-def _searcher(spec: TuneSpec):
-    if spec.search == "optuna":
-        import importlib.util
+def _callbacks(spec: TuneSpec, exp: Path) -> list:
+    if spec.workers_per_trial == 1:
+        return []
+    from ray import tune
 
-        if importlib.util.find_spec("optuna") is None:
-            raise TuneError("search: optuna needs the optuna package, which is not installed; "
-                            "`pip install optuna`, or use search: random")
+    class FreeStoppedTrials(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _free_train_placement_group(exp / trial.trial_id)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _free_train_placement_group(exp / trial.trial_id)
+
+    return [FreeStoppedTrials()]
+
+
+def _searcher(spec: TuneSpec, concurrency: Optional[int]):
+    """The search algorithm, limited to ``concurrency`` running trials (None: as many as fit)."""
+    if spec.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=spec.search_seed)
+        search = OptunaSearch(seed=spec.search_seed)
+        return ConcurrencyLimiter(search, concurrency) if concurrency else search
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.search_seed)
+    # Tune ignores TuneConfig.max_concurrent_trials once a generator is given: set it here.
+    return BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=concurrency or 0)
 
 
 def _write_sweep_inputs(spec: TuneSpec, exp: Path) -> Config:
@@ -669,13 +731,34 @@ def _write_sweep_inputs(spec: TuneSpec, exp: Path) -> Config:
     base_cfg = load_config(spec.base, spec.overrides)
     if base_cfg.data.path and not Path(base_cfg.data.path).is_absolute():
         # Ray runs trials in their own working directories.
-        base_cfg = load_config(spec.base, spec.overrides + [f"data.path={format_value(str(Path(base_cfg.data.path).resolve()))}"])
+        data_path = format_value(str(Path(base_cfg.data.path).resolve()))
+        base_cfg = load_config(spec.base, spec.overrides + [f"data.path={data_path}"])
     exp.mkdir(parents=True, exist_ok=True)
     save_config(base_cfg, exp / "base_config.yaml")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(spec).items()}
     settings["space"] = {k: {d.kind: d.args} for k, d in spec.space.items()}
     atomic_write_text(exp / "tune.json", json.dumps(settings, indent=1))
     return base_cfg
+
+
+def _new_tuner(spec: TuneSpec, exp: Path, trainable, concurrency: Optional[int]):
+    from ray import tune
+
+    scheduler = None
+    if spec.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # time_attr=epoch (not Tune's count of reports): a restarted trial resumes its checkpoint
+        # and reports the true epoch, so ASHA's rungs stay right across --resume.
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.epochs, grace_period=spec.grace_period,
+                                  reduction_factor=spec.reduction_factor)
+    tune_config = tune.TuneConfig(metric=spec.metric, mode="max", search_alg=_searcher(spec, concurrency),
+                                  scheduler=scheduler, num_samples=spec.num_samples,
+                                  trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname)
+    run_config = tune.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=1,
+                                callbacks=_callbacks(spec, exp))
+    return tune.Tuner(trainable, param_space={k: d.to_ray() for k, d in spec.space.items()},
+                      tune_config=tune_config, run_config=run_config)
 
 
 def run_sweep(spec: TuneSpec, *, resume: bool = False, address: Optional[str] = None,
@@ -690,7 +773,12 @@ def run_sweep(spec: TuneSpec, *, resume: bool = False, address: Optional[str] = 
                         "`pip install 'pima-hpc[tune]'`") from None
     if not is_v2_enabled():
         raise TuneError("pima tune runs multi-worker trials with Ray Train V2; unset RAY_TRAIN_V2_ENABLED=0")
-    searcher = _searcher(spec)
+    if spec.search == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise TuneError("search: optuna needs the optuna package, which is not installed; "
+                            "`pip install optuna`, or use search: random")
     exp = experiment_dir(spec, resume)
     if resume:
         if not (exp / "base_config.yaml").is_file():
@@ -699,15 +787,16 @@ def run_sweep(spec: TuneSpec, *, resume: bool = False, address: Optional[str] = 
         if stored.get("space") != {k: {d.kind: d.args} for k, d in spec.space.items()}:
             log.warning("the tune file's space differs from the one %s started with; resuming with the stored one",
                         exp)
-        spec = dataclasses.replace(spec, workers_per_trial=stored["workers_per_trial"],
-                                   cpus_per_worker=stored["cpus_per_worker"],
-                                   gpus_per_worker=stored["gpus_per_worker"], epochs=stored["epochs"],
-                                   metric=stored["metric"])
+        # Ray restores the trials, scheduler and searcher; these are the settings they ran with.
+        spec = dataclasses.replace(spec, **{k: stored[k] for k in (
+            "overrides", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "epochs", "metric",
+            "num_samples")})
         base_cfg = load_config(exp / "base_config.yaml")
     else:
         base_cfg = _write_sweep_inputs(spec, exp)
-    plan = TrialPlan(base_config=str(exp / "base_config.yaml"), workers_per_trial=spec.workers_per_trial,
-                     cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
+    plan = TrialPlan(experiment_dir=str(exp), base_config=str(exp / "base_config.yaml"),
+                     workers_per_trial=spec.workers_per_trial, cpus_per_worker=spec.cpus_per_worker,
+                     gpus_per_worker=spec.gpus_per_worker,
                      threads=base_cfg.threads or max(1, int(spec.cpus_per_worker)),
                      keep_stages=any(o.split("=", 1)[0].strip() == "stages" for o in spec.overrides))
 
@@ -720,20 +809,7 @@ def run_sweep(spec: TuneSpec, *, resume: bool = False, address: Optional[str] = 
         if resume:
             tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True)
         else:
-            scheduler = None
-            if spec.scheduler == "asha":
-                from ray.tune.schedulers import ASHAScheduler
-
-                # time_attr=epoch (not Tune's iteration count): a restarted trial resumes its
-                # checkpoint and reports the true epoch, so ASHA's rungs stay right on --resume.
-                scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.epochs, grace_period=spec.grace_period,
-                                          reduction_factor=spec.reduction_factor)
-            tuner = tune.Tuner(
-                trainable, param_space={k: d.to_ray() for k, d in spec.space.items()},
-                tune_config=tune.TuneConfig(metric=spec.metric, mode="max", search_alg=searcher, scheduler=scheduler,
-                                            num_samples=spec.num_samples, max_concurrent_trials=concurrency,
-                                            trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname),
-                run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=1))
+            tuner = _new_tuner(spec, exp, trainable, concurrency)
         grid = tuner.fit()
         rows = rows_from_results(grid, spec)
     finally:
@@ -751,7 +827,7 @@ class TrialRow:
     metric: float  # nan when the trial reported nothing
     val_accuracy: Optional[float]
     epochs: int
-    status: str  # done | stopped (by the scheduler) | error | incomplete
+    status: str  # done | stopped (early, by the scheduler) | error | interrupted (--resume continues it)
     params: dict
     error: str = ""
 
@@ -775,9 +851,11 @@ def rows_from_results(grid, spec: TuneSpec) -> list[TrialRow]:
         if result.error is not None:
             status = "error"
         elif value is None:
-            status = "incomplete"
-        else:
-            status = "done" if epochs >= spec.epochs else "stopped"
+            status = "interrupted"  # started, reported nothing
+        elif epochs >= spec.epochs:
+            status = "done"
+        else:  # Tune marks the last result of a trial its scheduler stopped as done
+            status = "stopped" if m.get("done") else "interrupted"
         err = str(result.error).strip().splitlines()[-1][:300] if result.error is not None else ""
         rows.append(TrialRow(trial_id=m.get("trial_id") or Path(result.path).name,
                              metric=float(value) if value is not None else math.nan,
@@ -800,6 +878,14 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, str)):
+        return json.dumps(value)
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
 def write_results_csv(rows: list[TrialRow], path: Path, metric: str, space_keys: list[str]) -> None:
     import io
 
@@ -811,8 +897,7 @@ def write_results_csv(rows: list[TrialRow], path: Path, metric: str, space_keys:
     for i, r in enumerate(rows, 1):
         writer.writerow([i, r.trial_id, repr(r.metric) if not math.isnan(r.metric) else "",
                          "" if r.val_accuracy is None else repr(float(r.val_accuracy)), r.epochs, r.status,
-                         *[json.dumps(r.params.get(k)) if isinstance(r.params.get(k), (list, str))
-                           else _cell(r.params.get(k)) for k in space_keys], r.error])
+                         *[_csv_value(r.params.get(k)) for k in space_keys], r.error])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -833,7 +918,8 @@ def write_best_config(exp: Path, best: TrialRow, metric: str) -> Path:
     from pima_hpc.train.checkpoint import atomic_write_text
 
     values = {k: v for k, v in best.params.items() if v is not None}
-    cfg = load_config(exp / "base_config.yaml", overrides_for(values) + [f"run_dir={format_value(str(exp / 'best'))}"])
+    run_dir = format_value(str(exp / "best"))
+    cfg = load_config(exp / "base_config.yaml", overrides_for(values) + [f"run_dir={run_dir}"])
     acc = "" if best.val_accuracy is None else f", val_accuracy {float(best.val_accuracy):.4f}"
     header = [f"# Best trial {best.trial_id} of the sweep in {exp}: {metric} {best.metric:.6g}{acc} "
               f"after {best.epochs} epoch(s).",
@@ -863,10 +949,9 @@ def finish_sweep(rows: list[TrialRow], spec: TuneSpec, exp: Path) -> SweepResult
     print(f"best trial {best.trial_id}: {spec.metric} {best.metric:.6g}{acc}, {best.epochs} epoch(s); "
           + " ".join(f"{k}={format_value(v)}" for k, v in best.params.items()))
     print(f"best config: {best_path}  (train it: pima train {best_path})")
-    unfinished = [r for r in rows if r.status == "incomplete"]
-    if unfinished or len(rows) < spec.num_samples:
-        print(f"the sweep did not finish; continue it with: pima tune {spec.source} --resume name={exp.name} "
-              f"storage_path={exp.parent}")
+    if any(r.status == "interrupted" for r in rows) or len(rows) < spec.num_samples:
+        print(f"the sweep did not finish; continue it with: pima tune {spec.source} name={exp.name} "
+              f"storage_path={exp.parent} --resume")
     return SweepResult(exp, rows, best, csv_path, best_path)
 
 

@@ -10,7 +10,8 @@
 # PIMA_CONFIG (the tune file: configs/tune_lattice.yaml; docs/tune.md), PIMA_OVERRIDES
 # ("key=value ..." for the tune file, e.g. "num_samples=48 name=sweep1"), PIMA_VENV (.venv),
 # PIMA_RAY_PORT (6379), PIMA_RAY_WAIT (seconds to wait for the Ray nodes; 120),
-# PIMA_GPUS_PER_NODE (default: what Slurm allocated). Arguments are more key=value overrides.
+# PIMA_RAY_AUTH (token: a fresh Ray auth token per job; or disabled), PIMA_GPUS_PER_NODE
+# (default: what Slurm allocated). Arguments go to `pima tune` (key=value, --resume).
 #SBATCH --job-name=pima-tune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -35,6 +36,21 @@ gpus=$(pima_gpus_per_node)
 cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
 nnodes=${#PIMA_NODES[@]}
 
+# Ray's token authentication, set explicitly and the same everywhere: left to itself, a head
+# turns it on when ~/.ray/auth_token exists while a client may not, and then cannot connect.
+# A fresh token per job travels in the environment (srun passes it to every node, and the
+# trials inherit it), so no file needs to be shared. PIMA_RAY_AUTH=disabled opts out.
+case ${PIMA_RAY_AUTH:-token} in
+    token)
+        export RAY_AUTH_MODE=token
+        RAY_AUTH_TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+        export RAY_AUTH_TOKEN
+        unset RAY_AUTH_TOKEN_PATH
+        ;;
+    disabled) export RAY_AUTH_MODE=disabled ;;
+    *) pima_die "PIMA_RAY_AUTH must be 'token' or 'disabled', got '$PIMA_RAY_AUTH'" ;;
+esac
+
 # The head's address as the other nodes reach it (the first one if it has several).
 head_ip=$(srun --nodes=1 --ntasks=1 -w "$PIMA_HEAD" hostname --ip-address)
 head_ip=${head_ip%% *}
@@ -43,6 +59,7 @@ export RAY_ADDRESS=$head_ip:$port
 ray_steps=()
 # shellcheck disable=SC2329  # called by the EXIT trap
 stop_ray() {
+    ((${#ray_steps[@]} > 0)) && pima_log "stopping the Ray cluster (srun reports its steps as killed)"
     # srun passes SIGTERM to every process of the Ray steps; `ray start --block` then stops
     # the node's Ray processes.
     if ((${#ray_steps[@]} > 0)); then
@@ -55,7 +72,7 @@ trap stop_ray EXIT
 pima_log "starting the Ray head on $PIMA_HEAD ($RAY_ADDRESS, $cpus CPUs, $gpus GPUs)"
 srun --nodes=1 --ntasks=1 -w "$PIMA_HEAD" --cpus-per-task="$cpus" \
     ray start --head --node-ip-address="$head_ip" --port="$port" \
-    --num-cpus="$cpus" --num-gpus="$gpus" --include-dashboard=false --block &
+    --num-cpus="$cpus" --num-gpus="$gpus" --include-dashboard=false --disable-usage-stats --block &
 ray_steps+=($!)
 
 # Bounded wait for the head (Ray's guide sleeps a fixed time; polling fails faster and clearer).
@@ -73,7 +90,7 @@ done
 for node in "${PIMA_NODES[@]:1}"; do
     pima_log "starting a Ray worker on $node"
     srun --nodes=1 --ntasks=1 -w "$node" --cpus-per-task="$cpus" \
-        ray start --address="$RAY_ADDRESS" --num-cpus="$cpus" --num-gpus="$gpus" --block &
+        ray start --address="$RAY_ADDRESS" --num-cpus="$cpus" --num-gpus="$gpus" --disable-usage-stats --block &
     ray_steps+=($!)
 done
 

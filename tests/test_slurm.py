@@ -264,8 +264,10 @@ def test_train_lattice_two_ranks(slurm_conf, lattice_data, tmp_path, launch):
     assert (run_dir / "metrics.json").is_file(), tail(log)
 
 
-# A run long enough to be signalled mid-way, on the bundled digits (no data to build).
-LONG = "train.epochs=30 crossmodal.epochs=1 train.progress=false figures=false"
+# A run long enough to be signalled mid-way (tenths of a second an epoch), on the bundled
+# digits (no data to build).
+LONG_EPOCHS = 60
+LONG = f"train.epochs={LONG_EPOCHS} crossmodal.epochs=1 train.progress=false figures=false"
 
 
 def _start_long_run(slurm_conf, tmp_path, flags, **settings):
@@ -274,7 +276,7 @@ def _start_long_run(slurm_conf, tmp_path, flags, **settings):
                   PIMA_OVERRIDES=LONG, **settings)
     job, _ = submit(flags + ["-o", str(log), "slurm/train_lattice.sh"], env)
     info = wait_for(job, env, log, timeout=300,
-                    until=lambda info, text: "epoch 2/30" in text or info["JobState"] in TERMINAL)
+                    until=lambda info, text: f"epoch 2/{LONG_EPOCHS}" in text or info["JobState"] in TERMINAL)
     assert info["JobState"] == "RUNNING", f"job {job} is {info['JobState']}, not training\n{tail(log)}"
     return job, env, run_dir, log
 
@@ -298,7 +300,7 @@ def test_requeue_resumes(slurm_conf, tmp_path, launch):
     assert_completed(job, info, log)
     second = text[text.index("(restart 1)"):]
     assert "resumed from" in second, f"the requeued run did not resume\n{tail(log, 120)}"
-    assert "epoch 1/30 " not in second, f"the requeued run started over\n{tail(log, 120)}"
+    assert f"epoch 1/{LONG_EPOCHS} " not in second, f"the requeued run started over\n{tail(log, 120)}"
     assert (run_dir / "metrics.json").is_file(), tail(log, 120)
 
 
@@ -382,14 +384,20 @@ def test_train_mnist(slurm_conf, mnist_idx, tmp_path):
 
 
 def test_tune_starts_ray_and_runs_pima_tune(slurm_conf, tmp_path):
+    """tune.sh brings up Ray inside the allocation and `pima tune` sweeps on it (two tiny trials
+    on the bundled digits)."""
+    _need("configs/tune_digits.yaml")
     help_ = subprocess.run([sys.executable, "-m", "pima_hpc", "tune", "--help"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     if help_.returncode != 0:
         pytest.skip("`pima tune` is not available in this checkout")
-    log = tmp_path / "job.out"
-    env = job_env(slurm_conf, PIMA_CONFIG="configs/digits.yaml",
-                  PIMA_OVERRIDES=f"run_dir={tmp_path / 'tune'} {QUICK} figures=false")
+    log, sweep = tmp_path / "job.out", tmp_path / "sweeps"
+    env = job_env(slurm_conf, PIMA_CONFIG="configs/tune_digits.yaml",
+                  PIMA_OVERRIDES=f"num_samples=2 train.epochs=1 storage_path={sweep} name=ci")
     job, _ = submit(["-o", str(log), "slurm/tune.sh"], env)
     info = wait_for(job, env, log, timeout=900)
-    assert "Ray cluster up: 1 node(s)" in read(log), tail(log)
+    text = read(log)
+    assert "Ray cluster up: 1 node(s)" in text, tail(log)
+    assert "connecting to the Ray cluster at" in text, f"pima tune did not use the job's Ray cluster\n{tail(log)}"
     assert_completed(job, info, log)
+    assert (sweep / "ci" / "results.csv").is_file() and (sweep / "ci" / "best_config.yaml").is_file(), tail(log)

@@ -91,7 +91,12 @@ class CheckpointManager:
     def save(self, payload: dict, name: str, best: bool = False) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{name}.pt"
-        save_checkpoint(path, payload)
+        try:
+            save_checkpoint(path, payload)
+        except OSError as exc:  # disk full, quota, permissions: the temp file is gone, older checkpoints stay
+            raise CheckpointError(f"cannot write checkpoint {str(path)!r} ({exc.strerror or exc}); the previous "
+                                  "checkpoints are kept: free space or fix permissions, then run again to resume",
+                                  "not written") from None
         history = ([h for h in self._history() if h != path.name] + [path.name])[-self.keep:]
         # The pointer first, then the deletions: a kill in between leaves only extra files.
         atomic_write_text(self.pointer, json.dumps({"latest": path.name, "history": history}, indent=1))

@@ -245,9 +245,32 @@ class Trainer:
             raise NonFiniteError(f"non-finite parameters ({', '.join(bad[:4]) or 'on another rank'}) at {name}; "
                                  f"not saved, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept; "
                                  "lower train.lr or check the data for NaN/Inf")
+        partial = self.state.get("partial_sums")
+        if partial is not None:  # mid-epoch (a signal): rank 0 writes every rank's running sums
+            rows = np.zeros((self.ctx.world_size, len(partial["values"])))
+            rows[self.ctx.rank] = partial["values"]
+            rows = self.collective.allreduce_sum([rows])[0] if self.ctx.world_size > 1 else rows
+            partial["per_rank"] = rows.tolist()
         if self.is_root:
             self.ckpt.save(self._payload(), name, best)
         self.collective.barrier()
+
+    def _keep_partial(self, sums: dict[str, float]) -> None:
+        """Record this rank's running sums of the epoch after each step, for a checkpoint mid-epoch."""
+        self.state["partial_sums"] = {"keys": list(sums), "values": [float(v) for v in sums.values()]}
+
+    def _resume_partial(self) -> dict[str, float]:
+        """This rank's running sums of an epoch resumed mid-way ({} at an epoch start), so the
+        epoch's metrics come out as if it had never stopped."""
+        partial = self.state.pop("partial_sums", None) if self.state["step"] else None
+        if not partial or "per_rank" not in partial:
+            return {}
+        rows = partial["per_rank"]
+        if len(rows) != self.ctx.world_size:
+            log.warning("resumed mid-epoch on %d ranks, checkpointed on %d: this epoch's train metrics cover "
+                        "only its remaining steps", self.ctx.world_size, len(rows))
+            return {}
+        return dict(zip(partial["keys"], rows[self.ctx.rank]))
 
     def try_resume(self) -> bool:
         """Continue from the run directory's newest good checkpoint, if it has one."""
@@ -350,6 +373,10 @@ class Trainer:
             else:
                 self.model.load_state_dict(anchors, strict=False)
 
+    def _clip(self, module) -> None:
+        if self.cfg.crossmodal.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.crossmodal.grad_clip)
+
     def _check_finite(self, terms: dict, loss: torch.Tensor, where: str) -> None:
         bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
         if not torch.isfinite(loss):
@@ -372,8 +399,8 @@ class Trainer:
         if t.max_steps_per_epoch:  # every rank plans the same number of steps, so all stop together
             batches = batches[:t.max_steps_per_epoch]
         # A resume mid-epoch (from a signal's checkpoint) continues the epoch's sums: exact metrics.
-        partial = self.state.get("partial_sums") if self.state["step"] else None
-        sums, seen = (dict(partial["sums"]), partial["seen"]) if partial else ({}, 0)
+        sums = self._resume_partial()
+        seen = int(sums.pop("_seen", 0))
         bar = self._progress(len(batches), f"epoch {epoch + 1}/{t.epochs}")
         start = self.state["step"]
         if bar is not None:
@@ -401,7 +428,7 @@ class Trainer:
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.sum())
                 sums["elbo"] = sums.get("elbo", 0.0) + float(per_sample.sum())
-            self.state["partial_sums"] = {"sums": sums, "seen": seen}
+            self._keep_partial({**sums, "_seen": seen})
             self._check_finite(terms, loss, f"stage multimodal, epoch {epoch + 1}, step {step + 1}")
             if bar is not None:
                 bar.update(1)
@@ -551,8 +578,8 @@ class Trainer:
             batches = self.train_data.batch_index_lists(x.batch_size, epoch, self.cfg.seed + 7, shuffle=True)
             counts = self.train_data.global_counts(x.batch_size)
             bar = self._progress(len(batches), f"cross-modal {epoch + 1}/{x.epochs}")
-            partial = self.state.get("partial_sums") if self.state["step"] else None
-            kl_sum = np.array(partial["kl"]) if partial else np.zeros(len(self.spec.names))
+            partial = self._resume_partial()
+            kl_sum = np.array([partial.get(f"kl_{n}", 0.0) for n in self.spec.names])
             for step in range(self.state["step"], len(batches)):
                 batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
                 with torch.no_grad():
@@ -563,10 +590,11 @@ class Trainer:
                 loss = sum(k.sum() for k in kls) * (self.ctx.world_size / float(counts[step]))
                 self.xm_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self._clip(self.crossmodal)
                 self.xm_optimizer.step()
                 self.state["step"] = step + 1
                 kl_sum += [float(k.detach().sum()) for k in kls]
-                self.state["partial_sums"] = {"kl": kl_sum.tolist()}
+                self._keep_partial({f"kl_{n}": v for n, v in zip(self.spec.names, kl_sum)})
                 self._check_finite({f"kl_{n}": k for n, k in zip(self.spec.names, kls)}, loss,
                                    f"stage crossmodal, epoch {epoch + 1}, step {step + 1}")
                 if bar is not None:

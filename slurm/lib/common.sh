@@ -34,8 +34,10 @@ pima_setup() {
         pima_log "no virtual environment at $venv (set PIMA_VENV); using $(command -v python3 || echo 'no python3')"
     fi
     command -v python3 >/dev/null || pima_die "python3 not found on PATH on $(hostname -s)"
-    python3 -c 'import pima_hpc' 2>/dev/null ||
-        pima_die "python3 ($(command -v python3)) cannot import pima_hpc; run 'make venv' in $PIMA_ROOT or set PIMA_VENV"
+    local err
+    if ! err=$(python3 -c 'import pima_hpc' 2>&1); then
+        pima_die "python3 ($(command -v python3)) cannot import pima_hpc (${err##*$'\n'}); run 'make venv' in $PIMA_ROOT or set PIMA_VENV"
+    fi
 
     local name
     for name in PIMA_NPROC PIMA_GPUS_PER_NODE PIMA_NODE_CPUS PIMA_RDZV_PORT PIMA_MAX_REQUEUES; do
@@ -63,8 +65,9 @@ pima_gpus_per_node() {
     fi
 }
 
-# pima_port BASE: a TCP port derived from the job id, so jobs sharing a node do not collide.
-pima_port() { echo $(($1 + SLURM_JOB_ID % 10000)); }
+# pima_rdzv_port: a TCP port derived from the job id, so jobs sharing a node do not collide;
+# in [20000, 30000), below Linux's ephemeral ports. PIMA_RDZV_PORT overrides it.
+pima_rdzv_port() { echo "${PIMA_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"; }
 
 # pima_launch_command ARGS...: set the array PIMA_CMD to the command that starts
 # `python -m pima_hpc ARGS...` on every rank of the allocation, per PIMA_LAUNCH.
@@ -85,7 +88,8 @@ pima_launch_command() {
             if [[ -z $nproc ]]; then
                 if ((gpus > 0)); then nproc=$gpus; else nproc=1; fi
             fi
-            local port=${PIMA_RDZV_PORT:-$(pima_port 29500)}
+            local port
+            port=$(pima_rdzv_port)
             # Slurm signals every process of a step (the agent and its workers). The workers
             # checkpoint on the first SIGUSR1/SIGTERM; the agent must not relay a second one
             # (the trainer treats a second signal as "exit now"), so it ignores both: bash's
@@ -115,7 +119,8 @@ pima_launch_command() {
                 cpus_per_rank=$((node_cpus / PIMA_NPROC > 0 ? node_cpus / PIMA_NPROC : 1))
             fi
             export MASTER_ADDR=${MASTER_ADDR:-$PIMA_HEAD}
-            export MASTER_PORT=${MASTER_PORT:-${PIMA_RDZV_PORT:-$(pima_port 29500)}}
+            MASTER_PORT=${MASTER_PORT:-$(pima_rdzv_port)}
+            export MASTER_PORT
             export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_rank}
             PIMA_CMD=(srun --nodes="$nnodes" --ntasks="$ntasks" "${per_node_args[@]}"
                 --cpus-per-task="$cpus_per_rank" "${srun_extra[@]}"

@@ -2,7 +2,10 @@
 
 Runs the real Trainer (expert initialisation, capped multimodal epochs with DDP, the closed-form
 EM/least-squares updates between epochs, evaluation, checkpoints) on a small slice of the embedded
-digits, and writes every rank's final model state to OUT/<tag>-rank<r>.npz.
+digits, and writes every rank's final model state to OUT/<tag>-<bn>-<dtype>-rank<r>.npz (and its
+epoch history to the .json beside it). Several variants run one after the other in one process
+group: ``--bn`` (below) and ``--dtype`` (float64 makes the rounding of the two reduction orders
+~1e-16, so parameters can be compared tightly; float32 is what training uses).
 
 Two things in the trainer depend on how a global batch is split over ranks, and this worker pins
 them down so that a 2-rank run and a 1-rank run see the same global batches:
@@ -158,8 +161,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, required=True, help="train.batch_size (per rank)")
     p.add_argument("--bn", nargs="+", choices=("ddp", "ghost", "plain"), default=["ddp"],
                    help="BatchNorm variant(s), trained one after the other in this process (tag-<bn>)")
-    p.add_argument("overrides", nargs="*")
     p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64"])
+    p.add_argument("overrides", nargs="*", help="extra config overrides (after --)")
     args = p.parse_args()
     out = Path(args.out)
 
@@ -167,9 +170,10 @@ def main() -> int:
     from pima_hpc.train import trainer as trainer_module
 
     trainer_module.open_run_split = _split_factory()
-    ctx, wrap, shutdown = run_module.make_context(config(out, args.batch_size, args.overrides))
+    base = config(out, args.batch_size, args.overrides)
+    _patch_noise(base.model.latent_dim)
+    ctx, wrap, shutdown = run_module.make_context(base)
     try:
-        _patch_noise(config(out, args.batch_size, args.overrides).model.latent_dim)
         for bn in args.bn:
             for dtype in args.dtype:
                 tag = f"{args.tag}-{bn}-{dtype}"

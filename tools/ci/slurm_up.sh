@@ -72,8 +72,8 @@ install_packages() {
         apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$STATE_DIR/apt.log" 2>&1 ||
             { tail -n 30 "$STATE_DIR/apt.log" >&2; die "apt-get install ${missing[*]} failed (log: $STATE_DIR/apt.log)"; }
     fi
-    # Debian's maintainer scripts may start munged on the default socket; it is not ours,
-    # it is harmless, and we leave it alone.
+    # Without systemd the packages' own services are not started; ours below are separate
+    # anyway (own munge socket, ports and state directory).
 }
 
 # --- helpers ---------------------------------------------------------------------------

@@ -1,0 +1,596 @@
+"""Fault injection: kills, signals, NaNs, dead ranks, damaged checkpoints and bad input.
+
+docs/reliability.md tabulates every fault tried here, what the toolkit does, and the test that
+shows it. Runs use the embedded digits with small batches (many steps per epoch) and one thread
+per process, so an uninterrupted run and a run that was killed, signalled and resumed can be
+compared BITWISE on CPU: same seed, same final weights, same metrics.
+
+Processes are started in their own session and, on failure or timeout, killed by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pima_hpc.cli import main as pima_main
+from pima_hpc.config import load_config
+from pima_hpc.train.checkpoint import CheckpointError, load_checkpoint
+from pima_hpc.train.trainer import NonFiniteError, ResumeError, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+RUN_TIMEOUT = 240  # one whole training run on a loaded 2-core machine; a hang fails, not blocks
+# 3 + 1 short epochs of ~68 steps (batch 16): many points to be killed at, each epoch about a second.
+SMALL = ["train.epochs=3", "train.batch_size=16", "crossmodal.epochs=1", "crossmodal.batch_size=32",
+         "threads=1", "figures=false", "train.progress=false"]
+TWO_RANKS = ["stages=[multimodal]", "train.epochs=2", "dist.timeout_s=20"]
+TIMING_KEYS = {"seconds", "wall_seconds_this_process"}
+
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun not installed beside {sys.executable}")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def train_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pima_hpc", "train", "configs/digits.yaml", f"run_dir={run_dir}", *SMALL, *extra]
+
+
+def torchrun_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [str(TORCHRUN), "--standalone", "--nproc_per_node=2", *train_cmd(run_dir, *TWO_RANKS, *extra)[1:]]
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    with open(log, "w") as fh:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+
+
+def tail(log: Path, n: int = 25) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else "(no log)"
+
+
+def latest(run_dir: Path) -> str | None:
+    """The newest complete checkpoint's name (latest.json is replaced atomically, never half-written)."""
+    pointer = run_dir / "checkpoints" / "latest.json"
+    return json.loads(pointer.read_text())["latest"] if pointer.is_file() else None
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"process exited ({proc.returncode}) before the awaited point:\n{tail(log)}"
+        assert time.monotonic() < end, f"timed out waiting; log:\n{tail(log)}"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_pids(*pids: int) -> None:
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return sorted(out)
+
+
+def worker_rank(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def run_to_end(cmd: list[str], log: Path, env: dict | None = None) -> int:
+    proc = start(cmd, log, env)
+    try:
+        return proc.wait(timeout=RUN_TIMEOUT)
+    finally:
+        kill_pids(proc.pid, *children(proc.pid))
+
+
+def final(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / latest(run_dir))
+
+
+def without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+def assert_bitwise_same_run(expected: Path, got: Path) -> None:
+    a, b = final(expected), final(got)
+    assert a["state"]["stage"] == b["state"]["stage"] == "done"
+    for part in ("model", "crossmodal"):
+        assert (part in a) == (part in b)
+        if part in a:
+            assert list(a[part]) == list(b[part])
+            for key, tensor in a[part].items():
+                assert tensor.dtype == b[part][key].dtype and torch.equal(tensor, b[part][key]), f"{part}.{key}"
+    assert without_timings(a["state"]) == without_timings(b["state"])
+    ma = json.loads((expected / "metrics.json").read_text())
+    mb = json.loads((got / "metrics.json").read_text())
+    assert without_timings(ma) == without_timings(mb)
+
+
+def cfg(run_dir: Path, *extra: str):
+    return load_config(REPO / "configs/digits.yaml", [f"run_dir={run_dir}", *SMALL, *extra])
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    """Run ``pima ARGV`` in this process: (exit code, its last stderr line)."""
+    code = pima_main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, (err.strip().splitlines() or [""])[-1]
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    """In-process runs set torch's thread count and configure the root logger; undo both."""
+    import logging
+
+    root, threads = logging.getLogger(), torch.get_num_threads()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    torch.set_num_threads(threads)
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted single-process run, started at once and awaited only when first needed
+    (it trains while the kill test runs)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    log = run.parent / "log"
+    proc = start(train_cmd(run), log)
+
+    def done() -> Path:
+        assert proc.wait(timeout=RUN_TIMEOUT) == 0, tail(log)
+        return run
+
+    yield done
+    kill_pids(proc.pid)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    """A finished in-process multimodal run keeping all its epoch checkpoints (to be damaged by copies)."""
+    run = tmp_path_factory.mktemp("two_epochs") / "run"
+    Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2", "train.keep_checkpoints=5")).run()
+    return run
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------- kill -9
+
+def test_kill9_at_random_points_then_resume_is_bitwise_identical(tmp_path, reference):
+    """SIGKILL up to three times, each a seeded random 0-1.5 s after the restarted run's first new
+    checkpoint (so anywhere in a step, an EM pass, a validation, a checkpoint write or the final
+    evaluation, in either stage), resume each time: the final weights and metrics equal the
+    uninterrupted run's bit for bit."""
+    rng = random.Random(6)
+    run = tmp_path / "run"
+    killed_at = []
+    for i in range(3):
+        log = tmp_path / f"log{i}"
+        before = latest(run)
+        proc = start(train_cmd(run), log)
+        try:
+            # After fresh progress (a new checkpoint), so the kills spread over the stages.
+            wait_for(lambda: latest(run) not in (None, before) or proc.poll() is not None, RUN_TIMEOUT, proc, log)
+            time.sleep(rng.uniform(0.0, 1.5))
+            if proc.poll() is not None:  # finished before its kill: nothing left to interrupt
+                assert proc.returncode == 0, tail(log)
+                break
+            proc.kill()
+            proc.wait(timeout=30)
+            killed_at.append(latest(run))
+        finally:
+            kill_pids(proc.pid)
+    assert len(killed_at) >= 2, killed_at
+    print("killed with the newest checkpoint at:", killed_at)
+    assert run_to_end(train_cmd(run), tmp_path / "log-final") == 0, tail(tmp_path / "log-final")
+    assert_bitwise_same_run(reference(), run)
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
+    assert not leftovers, leftovers  # temp files of killed writers are cleaned by the next save
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+def test_sigterm_checkpoints_mid_epoch_exits_75_and_resumes_bitwise(tmp_path, reference):
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(train_cmd(run), log)
+    try:
+        wait_for(lambda: (latest(run) or "").startswith("ckpt-multimodal-e0001"), RUN_TIMEOUT, proc, log)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        tic = time.monotonic()
+        assert proc.wait(timeout=60) == 75, tail(log)
+        assert time.monotonic() - tic < 30  # the current step (or EM pass), a checkpoint, out
+    finally:
+        kill_pids(proc.pid)
+    name = latest(run)
+    assert not name.endswith("-s000000.pt"), name  # a mid-epoch checkpoint, with its running sums
+    assert "exiting with 75" in log.read_text()
+    assert run_to_end(train_cmd(run), tmp_path / "log2") == 0, tail(tmp_path / "log2")
+    assert_bitwise_same_run(reference(), run)
+
+
+def test_second_signal_exits_at_once_and_a_duplicate_is_one_request(tmp_path):
+    """A signal delivered twice within a second (process group + torchrun's relay) is one request;
+    a later second signal exits at once with 128 + signum."""
+    code = ("import os, signal, time\n"
+            "from pima_hpc.train.trainer import SignalFlag\n"
+            "flag = SignalFlag().install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.2)\n"
+            "print('alive, requested =', flag.requested, flush=True)\n"
+            "time.sleep(flag.DUPLICATE_WINDOW_S)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(60)\n"
+            "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stdout.strip() == "alive, requested = True"
+
+
+@needs_torchrun
+def test_two_ranks_signals_stop_every_rank_after_one_step_and_resume_bitwise(tmp_path):
+    """Two interruptions of a 2-rank run, then a resume that equals an uninterrupted 2-rank run bit
+    for bit. 1) SIGUSR1 to rank 1 only: the per-step flag agreement stops both ranks after the same
+    step, rank 0 writes one checkpoint holding both ranks' running sums, both exit 75. 2) SIGTERM to
+    torchrun, which relays it to both workers (and exits 1 itself)."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    reference_run = start(torchrun_cmd(ref), tmp_path / "log-ref")
+    pids = [reference_run.pid]
+    try:
+        log = tmp_path / "log1"
+        proc = start(torchrun_cmd(run), log)
+        pids.append(proc.pid)
+        wait_for(lambda: latest(run) is not None, RUN_TIMEOUT, proc, log)
+        workers = children(proc.pid)
+        pids += workers
+        assert len(workers) == 2
+        time.sleep(0.5)
+        os.kill(next(w for w in workers if worker_rank(w) == 1), signal.SIGUSR1)
+        tic = time.monotonic()
+        assert proc.wait(timeout=90) != 0  # torchrun reports its workers' 75 as a failure
+        assert time.monotonic() - tic < 45
+        text = log.read_text()
+        assert text.count("exiting with 75") == 2 and text.count("exitcode  : 75") == 2, tail(log, 60)
+        first = latest(run)
+        assert not first.endswith("-s000000.pt"), first
+
+        log = tmp_path / "log2"
+        proc = start(torchrun_cmd(run), log)
+        pids.append(proc.pid)
+        wait_for(lambda: latest(run) != first, RUN_TIMEOUT, proc, log)
+        workers = children(proc.pid)
+        pids += workers
+        proc.send_signal(signal.SIGTERM)
+        tic = time.monotonic()
+        assert proc.wait(timeout=90) == 1, tail(log, 60)
+        assert not any(alive(w) for w in workers) and time.monotonic() - tic < 45
+        assert log.read_text().count("exiting with 75") == 2, tail(log, 60)
+        assert not latest(run).endswith("-s000000.pt"), latest(run)
+        assert reference_run.wait(timeout=RUN_TIMEOUT) == 0, tail(tmp_path / "log-ref")
+    finally:
+        kill_pids(*pids)
+    assert run_to_end(torchrun_cmd(run), tmp_path / "log3") == 0, tail(tmp_path / "log3")
+    a, b = final(ref), final(run)
+    assert list(a["model"]) == list(b["model"])
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert without_timings(a["state"]) == without_timings(b["state"])
+
+
+@needs_torchrun
+def test_sigusr1_to_torchrun_still_checkpoints_every_rank(tmp_path):
+    """torchrun relays only SIGTERM, SIGINT, SIGHUP and SIGQUIT by default and dies of SIGUSR1; its
+    workers ask for PR_SET_PDEATHSIG, so its death reaches them as SIGTERM: checkpoint, exit 75."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(torchrun_cmd(run), log)
+    workers = []
+    try:
+        wait_for(lambda: latest(run) is not None, RUN_TIMEOUT, proc, log)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        tic = time.monotonic()
+        assert proc.wait(timeout=90) == -signal.SIGUSR1
+        while any(alive(w) for w in workers) and time.monotonic() - tic < 60:
+            time.sleep(0.1)
+        assert not any(alive(w) for w in workers) and time.monotonic() - tic < 45
+        assert log.read_text().count("exiting with 75") == 2, tail(log, 60)
+        assert not latest(run).endswith("-s000000.pt")
+    finally:
+        kill_pids(proc.pid, *workers)
+
+
+# ----------------------------------------------------------------------------------------------- dead ranks
+
+@needs_torchrun
+def test_two_ranks_kill9_one_worker_the_other_exits_nonzero_in_bounded_time(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(torchrun_cmd(run), log)
+    workers = []
+    try:
+        wait_for(lambda: latest(run) is not None, RUN_TIMEOUT, proc, log)
+        workers = children(proc.pid)
+        survivor = next(w for w in workers if worker_rank(w) == 0)
+        os.kill(next(w for w in workers if worker_rank(w) == 1), signal.SIGKILL)
+        tic = time.monotonic()
+        assert proc.wait(timeout=90) != 0
+        while alive(survivor) and time.monotonic() - tic < 60:
+            time.sleep(0.1)
+        assert not alive(survivor)
+        assert time.monotonic() - tic < 20 + 30  # dist.timeout_s, plus torchrun's shutdown grace
+    finally:
+        kill_pids(proc.pid, *workers)
+    assert load_checkpoint(run / "checkpoints" / latest(run))  # what was saved is still whole
+
+
+def test_hung_rank_makes_the_other_fail_after_dist_timeout(tmp_path):
+    """No launcher watching (two ranks from the environment alone): rank 1 is frozen (SIGSTOP),
+    rank 0 must give up by itself after dist.timeout_s, with a non-zero exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    procs = []
+    try:
+        for rank in (0, 1):
+            env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(start(train_cmd(run, *TWO_RANKS[:-1], "dist.timeout_s=12"), tmp_path / f"log{rank}", env))
+        wait_for(lambda: latest(run) is not None, RUN_TIMEOUT, procs[0], tmp_path / "log0")
+        procs[1].send_signal(signal.SIGSTOP)
+        tic = time.monotonic()
+        rc = procs[0].wait(timeout=120)
+        assert rc not in (0, 75), tail(tmp_path / "log0")
+        assert time.monotonic() - tic < 12 + 30
+    finally:
+        kill_pids(*(p.pid for p in procs))
+
+
+# ----------------------------------------------------------------------------------------------- non-finite values
+
+def test_injected_nan_stops_naming_step_and_term_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    steps = len(Trainer(cfg(run)).train_data.batch_index_lists(16, 0, 0, shuffle=True))
+    monkeypatch.setenv("PIMA_FAULT_INJECT", f"nan_at_step:{steps + 5}")  # epoch 2, step 5
+    code, line = cli(capsys, "train", "configs/digits.yaml", f"run_dir={run}", *SMALL)
+    assert code == 2
+    assert line.startswith("pima: error: non-finite values at stage multimodal, epoch 2, step 5 (terms: recon, ")
+    assert "the last good checkpoint" in line
+    assert latest(run) == "ckpt-multimodal-e0001-s000000.pt"
+    assert load_checkpoint(run / "checkpoints" / latest(run))["state"]["epoch"] == 1
+    monkeypatch.setenv("PIMA_FAULT_INJECT", "nan_at:3")
+    code, line = cli(capsys, "train", "configs/digits.yaml", f"run_dir={run}", *SMALL)
+    assert (code, line) == (2, "pima: error: PIMA_FAULT_INJECT='nan_at:3': expected nan_at_step:N with N >= 1 "
+                               "(or unset it)")
+
+
+def test_non_finite_parameters_are_never_checkpointed(two_epochs, tmp_path):
+    run = copy_run(two_epochs, tmp_path / "run")
+    trainer = Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2", "train.keep_checkpoints=5"))
+    assert trainer.try_resume()
+    before = (run / "checkpoints" / "latest.json").read_text()
+    with torch.no_grad():
+        trainer.model.cluster_means.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match=r"non-finite parameters \(model\.cluster_means\) at ckpt-done-"):
+        trainer.save()
+    assert (run / "checkpoints" / "latest.json").read_text() == before
+
+
+# ----------------------------------------------------------------------------------------------- damaged checkpoints
+
+def test_truncated_checkpoint_and_leftover_temp_file_fall_back_to_previous(two_epochs, tmp_path, caplog):
+    """What a crash mid-write would look like if the write were not atomic: the newest checkpoint
+    truncated, a temp file left over. Resume falls back to the previous one, with a warning."""
+    run = copy_run(two_epochs, tmp_path / "run")
+    ckpts = run / "checkpoints"
+    newest = ckpts / latest(run)
+    history = json.loads((ckpts / "latest.json").read_text())["history"]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    (ckpts / f".{newest.name}.tmp-999999").write_bytes(data[:1000])
+    trainer = Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2", "train.keep_checkpoints=5"))
+    assert trainer.try_resume()
+    previous = load_checkpoint(ckpts / history[-2])
+    assert trainer.state == previous["state"]
+    assert f"checkpoint {str(newest)!r} is unreadable" in caplog.text
+    trainer.save()  # the next save clears the dead writer's temp file
+    assert not list(ckpts.glob(".*.tmp-*"))
+
+
+def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_old_ones(two_epochs, tmp_path, monkeypatch):
+    run = copy_run(two_epochs, tmp_path / "run")
+    trainer = Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2", "train.keep_checkpoints=5"))
+    assert trainer.try_resume()
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    def full(payload, fh):
+        fh.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .* \(No space left on device\); the "
+                                              r"previous checkpoints are kept"):
+        trainer.save()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # no temp file, nothing rotated
+
+
+def test_every_checkpoint_unreadable_is_an_error_not_a_fresh_start(two_epochs, tmp_path, capsys):
+    run = copy_run(two_epochs, tmp_path / "run")
+    for p in (run / "checkpoints").glob("ckpt-*.pt"):
+        p.write_bytes(b"not a checkpoint")
+    code, line = cli(capsys, "train", "configs/digits.yaml", f"run_dir={run}", *SMALL, "stages=[multimodal]",
+                     "train.epochs=2")
+    assert code == 2
+    assert line.startswith(f"pima: error: no usable checkpoint in {str(run / 'checkpoints')!r} (ckpt-done-")
+    assert line.endswith("restore one, or delete the checkpoints directory to start this run over")
+
+
+def test_checkpoints_named_in_latest_json_but_missing_is_an_error(two_epochs, tmp_path):
+    run = copy_run(two_epochs, tmp_path / "run")
+    for p in (run / "checkpoints").glob("ckpt-*.pt"):
+        p.unlink()
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*ckpt-done-e0000-s000000\.pt: missing"):
+        Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2")).try_resume()
+
+
+def test_without_latest_json_the_newest_checkpoint_by_progress_is_used(two_epochs, tmp_path):
+    """Names sort alphabetically as crossmodal < done < multimodal; resume must order by progress."""
+    run = copy_run(two_epochs, tmp_path / "run")
+    (run / "checkpoints" / "latest.json").unlink()
+    trainer = Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2"))
+    assert trainer.try_resume()
+    assert trainer.state["stage"] == "done"
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    import numpy as np
+
+    from pima_hpc.train.checkpoint import save_checkpoint
+    from pima_hpc.train.trainer import _rng_state, _set_rng_state
+
+    def draw():
+        return torch.rand(3).tolist(), np.random.standard_normal(3).tolist(), random.random(), random.gauss(0, 1)
+
+    np.random.standard_normal()
+    random.gauss(0, 1)  # both keep a cached second Gaussian: part of the state
+    save_checkpoint(tmp_path / "rng.pt", {"rng": _rng_state()})
+    expected = draw()
+    _set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert draw() == expected
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args, message", [
+    (["train.bach_size=3"], "unknown config key 'train.bach_size'; did you mean 'train.batch_size'?"),
+    (["train.epochs=many"], "config key 'train.epochs' in override 'train.epochs=many': Value 'many' of type "
+                            "'str' could not be converted to Integer"),
+    (["train.lr=-1"], "config key 'train.lr': must be > 0, got -1.0"),
+    (["model.n_clusters=1"], "config key 'model.n_clusters': must be >= 2, got 1"),
+    (["train.epochs"], "override 'train.epochs' must look like key=value (for example train.epochs=3)"),
+    (["data.source=hdf5"], "config key 'data.path': is required when data.source=hdf5"),
+])
+def test_bad_config_is_one_line_and_creates_nothing(tmp_path, capsys, args, message):
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "configs/digits.yaml", f"run_dir={run}", *args) == (2, f"pima: error: {message}")
+    assert not run.exists()
+
+
+def test_bad_config_files(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert cli(capsys, "train", str(missing)) == (2, f"pima: error: config file {str(missing)!r} does not exist")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    assert cli(capsys, "train", str(bad)) == (
+        2, f"pima: error: config file {str(bad)!r} must hold a mapping of keys, not ListConfig")
+
+
+def test_bad_cli_arguments(capsys):
+    for argv, message in ((["train", "--epochs=3"], "pima: error: unrecognized arguments: --epochs=3"),
+                          (["trian"], "pima: error: argument command: invalid choice: 'trian'")):
+        with pytest.raises(SystemExit) as exit_info:
+            pima_main(argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "{path}: no such file; check the path or rebuild it with `pima data ...`"),
+    ("not-hdf5", "{path} is not an HDF5 file; re-copy it or rebuild it with `pima data ...`"),
+    ("truncated", "{path} is truncated (an interrupted copy?); re-copy it or rebuild it with `pima data ...`"),
+])
+def test_bad_data_files_are_one_line_and_create_nothing(tmp_path, capsys, kind, message):
+    path, run = tmp_path / "data.h5", tmp_path / "run"
+    if kind == "not-hdf5":
+        path.write_text("image,curve\n1,2\n")
+    elif kind == "truncated":
+        with open(REPO / "data" / "mnist_clean.h5", "rb") as fh:
+            path.write_bytes(fh.read(4096))
+    code, line = cli(capsys, "train", "configs/digits.yaml", f"run_dir={run}", "data.source=hdf5",
+                     f"data.path={path}")
+    assert code == 2 and line.startswith("pima: error: " + message.format(path=path))
+    assert not run.exists()
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, line = cli(capsys, "train", "configs/digits.yaml", f"run_dir={blocker / 'run'}", *SMALL)
+    assert (code, line) == (2, f"pima: error: config key 'run_dir': cannot write to {str(blocker / 'run')!r} "
+                               "(Not a directory); choose a writable directory")
+
+
+def test_incompatible_resume_names_the_change_and_keeps_config_yaml(two_epochs, tmp_path, capsys):
+    run = copy_run(two_epochs, tmp_path / "run")
+    config_yaml = (run / "config.yaml").read_text()
+    code, line = cli(capsys, "train", "configs/digits.yaml", f"run_dir={run}", *SMALL, "model.latent_dim=4")
+    assert code == 2
+    assert line == (f"pima: error: run directory {str(run)!r} holds a checkpoint (ckpt-done-e0000-s000000.pt) of a "
+                    "different model or data config (model.latent_dim: 3 -> 4); use a new run_dir, or restore "
+                    "those settings (the run's config.yaml has them)")
+    assert (run / "config.yaml").read_text() == config_yaml
+
+
+def test_finished_run_is_re_evaluated_but_not_extended(two_epochs, tmp_path):
+    run = copy_run(two_epochs, tmp_path / "run")
+    with pytest.raises(ResumeError, match=r"holds a finished run \(train\.epochs=5 but it trained 2\); a finished "
+                                          r"run is not extended: use a new run_dir"):
+        Trainer(cfg(run, "stages=[multimodal]", "train.epochs=5")).run()
+    expected = final(run)
+    metrics = Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2")).run()  # the same run: evaluate again
+    assert len(metrics["history"]) == 2 and final(run)["state"] == expected["state"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    """Without --debug the same error is one line (the tests above); with it, the exception propagates."""
+    from pima_hpc.data import DataError
+
+    with pytest.raises(DataError, match="no such file"):
+        pima_main(["--debug", "train", "configs/digits.yaml", f"run_dir={tmp_path / 'run'}", "data.source=hdf5",
+                   f"data.path={tmp_path / 'none.h5'}"])
