@@ -633,6 +633,22 @@ def experiment_dir(spec: TuneSpec, resume: bool) -> Path:
     return found[-1]
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a wrong address (Ray itself retries for minutes)."""
+    import socket
+
+    if "://" in address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise TuneError(f"Ray address {address!r} (--address / RAY_ADDRESS) must look like host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise TuneError(f"cannot reach the Ray cluster at {address} (--address / RAY_ADDRESS): {exc}; "
+                        "is the head node's `ray start --head` running?") from None
+
+
 def _init_ray(spec: TuneSpec, address: Optional[str], num_cpus: Optional[int], verbose: bool) -> None:
     """Connect to the cluster at ``address`` / $RAY_ADDRESS, else start a local instance.
 
@@ -644,6 +660,7 @@ def _init_ray(spec: TuneSpec, address: Optional[str], num_cpus: Optional[int], v
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
+        _check_reachable(address)
         if num_cpus is not None:
             raise TuneError("--num-cpus sizes a local Ray instance; a cluster's CPUs are set by `ray start`")
         log.info("connecting to the Ray cluster at %s", address)
@@ -723,7 +740,7 @@ def _searcher(spec: TuneSpec, concurrency: Optional[int]):
     return BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=concurrency or 0)
 
 
-def _write_sweep_inputs(spec: TuneSpec, exp: Path) -> Config:
+def _write_sweep_inputs(spec: TuneSpec, exp: Path) -> None:
     """Store the resolved base config (what every trial and best_config.yaml start from) and the
     tune settings in the sweep directory, so results stay reproducible if the files change."""
     from pima_hpc.train.checkpoint import atomic_write_text
@@ -738,7 +755,6 @@ def _write_sweep_inputs(spec: TuneSpec, exp: Path) -> Config:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(spec).items()}
     settings["space"] = {k: {d.kind: d.args} for k, d in spec.space.items()}
     atomic_write_text(exp / "tune.json", json.dumps(settings, indent=1))
-    return base_cfg
 
 
 def _new_tuner(spec: TuneSpec, exp: Path, trainable, concurrency: Optional[int]):
@@ -793,7 +809,7 @@ def run_sweep(spec: TuneSpec, *, resume: bool = False, address: Optional[str] = 
             "num_samples")})
         base_cfg = load_config(exp / "base_config.yaml")
     else:
-        base_cfg = _write_sweep_inputs(spec, exp)
+        base_cfg = load_config(spec.base, spec.overrides)
     plan = TrialPlan(experiment_dir=str(exp), base_config=str(exp / "base_config.yaml"),
                      workers_per_trial=spec.workers_per_trial, cpus_per_worker=spec.cpus_per_worker,
                      gpus_per_worker=spec.gpus_per_worker,
@@ -803,6 +819,8 @@ def run_sweep(spec: TuneSpec, *, resume: bool = False, address: Optional[str] = 
     _init_ray(spec, address, num_cpus, verbose)
     try:
         concurrency = _concurrency(spec)
+        if not resume:
+            _write_sweep_inputs(spec, exp)
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _trial_resources(spec))
         log.info("sweep %s: %s, %d trial(s) of %d worker(s), metric %s (max)", exp, spec.scheduler,
                  spec.num_samples, spec.workers_per_trial, spec.metric)

@@ -79,6 +79,18 @@ def m_step_variances(n0: np.ndarray, n1: np.ndarray, n2: np.ndarray, prev: np.nd
     return out
 
 
+def m_step_tied_variance(n0: np.ndarray, n1: np.ndarray, n2: np.ndarray, min_var: float = 1e-6) -> float:
+    """One spherical variance shared by every cluster and axis (a "tied" mixture).
+
+    sigma^2 = sum_c sum_j (N2_cj - N1_cj^2 / N0_c) / (N l). With equal variances argmax_c p(c|z)
+    is the nearest mean (shifted by log pi), so a cluster that happens to be tight along one axis
+    cannot lose its own samples to a broad neighbour.
+    """
+    has = n0 > 1e-10
+    within = (n2[has] - n1[has] ** 2 / n0[has, None]).sum()
+    return float(max(within / (n0.sum() * n1.shape[1]), min_var))
+
+
 def m_step_weights(n0: np.ndarray, min_weight: float = 1e-6) -> np.ndarray:
     """Mixture weights pi_c = N0_c / N (eq 9's optimum), kept away from 0 so log pi stays finite."""
     pi = np.maximum(n0 / max(n0.sum(), 1e-300), min_weight)

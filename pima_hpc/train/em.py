@@ -15,7 +15,8 @@ from sklearn.cluster import KMeans
 
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.statistics import (StreamingStatistics, curve_statistics, expert_noise_variance,
-                                       latent_statistics, m_step_means, m_step_variances, m_step_weights)
+                                       latent_statistics, m_step_means, m_step_tied_variance, m_step_variances,
+                                       m_step_weights)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -89,12 +90,16 @@ def agreement(model: PIMA, reader, batch_size: int, collective, device) -> float
 
 
 @torch.no_grad()
-def apply_gmm_m_step(model: PIMA, latent: StreamingStatistics, em_variances: bool, em_weights: bool) -> None:
+def apply_gmm_m_step(model: PIMA, latent: StreamingStatistics, em_variances: bool, em_weights: bool,
+                     tied: bool = False) -> None:
     """Cluster means (eq 16) and optionally variances and weights, identically on every rank."""
     n0, n1, n2 = latent["n0"], latent["n1"], latent["n2"]
     means = m_step_means(n0, n1, model.cluster_means.double().cpu().numpy())
     model.cluster_means.copy_(torch.as_tensor(means))
-    if em_variances:
+    if em_variances and tied:
+        var = m_step_tied_variance(n0, n1, n2)
+        model.cluster_logvars.data.fill_(float(np.log(var)))
+    elif em_variances:
         var = m_step_variances(n0, n1, n2, model.cluster_logvars.detach().exp().double().cpu().numpy())
         model.cluster_logvars.data.copy_(torch.as_tensor(np.log(var)))
     if em_weights:

@@ -364,7 +364,7 @@ class Trainer:
             return
         anchors = {k: v.detach().clone() for k, v in self.model.state_dict().items()
                    if k in ("cluster_means", "cluster_logvars", "pi_logits")}
-        em.apply_gmm_m_step(self.model, latent, t.em_variances, t.em_weights)
+        em.apply_gmm_m_step(self.model, latent, t.em_variances, t.em_weights, t.tied_variances)
         if self.state["warm"]:
             agreement = em.agreement(self.model, self.train_data, t.batch_size * 4, self.collective, self.device)
             self.state.setdefault("agreement", []).append(agreement)
