@@ -127,7 +127,7 @@ class TrainConfig:
     # Optional EM updates of the cluster variances and weights (from sum gamma*mu^2).
     em_variances: bool = True
     # One spherical variance shared by all clusters (robust latent-only assignment) or diagonal per cluster.
-    tied_variances: bool = True
+    tied_variances: bool = False
     em_weights: bool = True
     # Forgetting factor lambda of the experts' least-squares statistics across epochs (recursive least
     # squares): S <- lambda S_prev + S_epoch. 0 = no memory (each epoch's pass alone), 1 = never forget.

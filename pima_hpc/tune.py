@@ -454,8 +454,13 @@ def _check_samples(spec: TuneSpec, base_cfg: Config, where: str) -> None:
     from pima_hpc.data.loading import has_split
 
     if not has_split(base_cfg.data, "val"):
+        from pima_hpc.data.layout import list_splits
+
         raise TuneError(f"{where}: trials are ranked by {spec.metric}, which needs a validation split, but "
-                        f"{base_cfg.data.path!r} has no split {base_cfg.data.val_split!r} (data.val_split)")
+                        f"{base_cfg.data.path!r} has no split {base_cfg.data.val_split!r} (its splits: "
+                        f"{', '.join(list_splits(base_cfg.data.path))}); name another with data.val_split=... "
+                        "under overrides (selection uses its ELBO, never its labels) or rebuild the data "
+                        "with a validation split")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,13 +628,13 @@ def experiment_dir(spec: TuneSpec, resume: bool) -> Path:
             raise TuneError(f"sweep directory {str(path)!r} already exists: continue it with --resume, "
                             "or choose another name=...")
         return path
-        pattern = re.compile(re.escape(spec.stem) + r"-\d{8}-\d{6}")
-        found = sorted(p for p in spec.storage_path.glob(f"{spec.stem}-*")
-                       if pattern.fullmatch(p.name) and Tuner.can_restore(str(p)))
-        if not found:
-            raise TuneError(f"--resume: no sweep of {spec.source.name} to resume under {str(spec.storage_path)!r} "
-                            f"(looked for {spec.stem}-<date>-<time>); pass name=... or storage_path=... to "
-                            "point at it, or run without --resume")
+    pattern = re.compile(re.escape(spec.stem) + r"-\d{8}-\d{6}")
+    found = sorted(p for p in spec.storage_path.glob(f"{spec.stem}-*")
+                   if pattern.fullmatch(p.name) and Tuner.can_restore(str(p)))
+    if not found:
+        raise TuneError(f"--resume: no sweep of {spec.source.name} to resume under {str(spec.storage_path)!r} "
+                        f"(looked for {spec.stem}-<date>-<time>); pass name=... or storage_path=... to "
+                        "point at it, or run without --resume")
     return found[-1]
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from pima_hpc.cli import main
 from pima_hpc.config import load_config
-from pima_hpc.tune import format_value, load_tune_spec
+from pima_hpc.tune import TrialRow, format_table, format_value, load_tune_spec, rank_rows, write_results_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
@@ -111,6 +111,19 @@ def test_sampled_values_round_trip_through_load_config(value):
     cfg = load_config(None, [f"{key}={format_value(value)}"])
     section, name = key.split(".")
     assert getattr(getattr(cfg, section), name) == value
+
+
+def test_ranking_puts_trials_without_the_metric_last(tmp_path):
+    rows = rank_rows([TrialRow("c", math.nan, None, 0, "error", {"train.lr": 0.1}, "boom"),
+                      TrialRow("a", -5.0, 0.5, 2, "done", {"train.lr": 0.01}),
+                      TrialRow("b", 3.0, None, 1, "stopped", {"train.lr": 0.001})])
+    assert [r.trial_id for r in rows] == ["b", "a", "c"]
+    write_results_csv(rows, tmp_path / "r.csv", "val_elbo", ["train.lr"])
+    assert [(r["rank"], r["trial_id"], r["val_elbo"], r["train.lr"]) for r in read_rows(tmp_path / "r.csv")] == [
+        ("1", "b", "3.0", "0.001"), ("2", "a", "-5.0", "0.01"), ("3", "c", "", "0.1")]
+    table = format_table(rows, "val_elbo", ["train.lr"]).splitlines()
+    assert table[0].split() == ["#", "trial", "val_elbo", "val_acc", "epochs", "status", "train.lr"]
+    assert table[2].split() == ["2", "a", "-5", "50.0%", "2", "done", "0.01"]
 
 
 BAD = [
