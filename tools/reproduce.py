@@ -144,7 +144,7 @@ def mnist(args, lines: list[str]) -> None:
 def lattice_extras(trainer: Trainer) -> dict:
     """Curve prediction from the image alone (MoE mean +- sd, eqs 13-14) and experts vs ground truth."""
     from pima_hpc.data.hdf5 import read_truth
-    from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label
+    from pima_hpc.evaluation.metrics import fit_cluster_to_label
     cfg, model = trainer.cfg, trainer.model.eval()
     trainer.crossmodal.eval()
     reader = trainer.test_data
@@ -172,7 +172,6 @@ def lattice_extras(trainer: Trainer) -> dict:
                 "fit": {"E_MPa": theta[c, 0], "sigma_y_MPa": theta[c, 0] * theta[c, 1], "H_MPa": theta[c, 2]},
                 "truth_mean": {"E_MPa": float(truth["E"][sel].mean()), "sigma_y_MPa": float(truth["sigma_y"][sel].mean()),
                                "H_MPa": float(truth["H"][sel].mean())}})
-        del contingency
     return out
 
 

@@ -75,6 +75,14 @@ class Expert:
         """Least-squares parameters of each curve alone, (N, L) -> (N, p): used to initialise clusters."""
         return self.solve(np.ones(len(x)), x, np.zeros((len(x), self.n_params)))
 
+    def cluster_features(self, theta: np.ndarray) -> np.ndarray:
+        """Features of per-sample fits (N, p) that k-means clusters to seed the clusters.
+
+        The parameters themselves by default; an expert whose parameters mix a scale (which varies
+        within a class) with a shape (which tells classes apart) should return the shape.
+        """
+        return theta
+
     def describe(self, theta: np.ndarray) -> dict[str, list[float]]:
         """Named physical parameters per cluster, for reports."""
         return {n: theta[:, i].tolist() for i, n in enumerate(self.param_names)}
@@ -194,6 +202,12 @@ class StrainHardening(Expert):
         # Grid-only yield points: per-sample fits only seed the clustering, so Brent refinement
         # of every one of possibly millions of curves would be wasted work.
         return self._fit_curves(np.asarray(x, dtype=np.float64), refine=False)
+
+    def cluster_features(self, theta):
+        # Gibson-Ashby: modulus and yield stress scale with relative density within a topology,
+        # while the yield strain and the hardening ratio H/E are density-free shape descriptors.
+        e = np.maximum(theta[:, 0], 1e-12)
+        return np.stack([np.log(np.maximum(theta[:, 1], 1e-12)), np.log(np.maximum(theta[:, 2], 1e-6 * e) / e)], axis=1)
 
     def describe(self, theta):
         out = super().describe(theta)

@@ -101,10 +101,11 @@ class PIMA(nn.Module):
         """log gamma = log p(c | z) (eq 15, ERRATA 8)."""
         return elbo.log_responsibilities(z, self.log_pi(), self.cluster_means, self.cluster_logvars)
 
-    def expert_log_posterior(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log p(c | X_s) from the expert likelihoods of every curve modality (eq 19): (B, C)."""
-        joint = self.log_pi().detach().expand(len(batch[self.curve_names[0]]), -1)
-        for name in self.curve_names:
+    def expert_log_posterior(self, batch: dict[str, torch.Tensor], names: list[str] | None = None) -> torch.Tensor:
+        """log p(c | X_s) from the expert likelihoods of the curve modalities ``names`` (all by default), eq 19: (B, C)."""
+        names = self.curve_names if names is None else names
+        joint = self.log_pi().detach().expand(len(batch[names[0]]), -1)
+        for name in names:
             joint = joint + elbo.expert_log_likelihood(batch[name], self.expert_curves(name), self.log_noise(name))
         return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 

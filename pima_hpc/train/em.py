@@ -136,8 +136,8 @@ def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, de
     names = model.curve_names
     fits, local_x = [], []
     for batch in reader.iter_batches(batch_size, shuffle=False):
-        fits.append(np.concatenate([model.experts[n].fit_samples(
-            model.spec[n].to_physical(batch[n].double().numpy())) for n in names], axis=1))
+        fits.append(np.concatenate([model.experts[n].cluster_features(model.experts[n].fit_samples(
+            model.spec[n].to_physical(batch[n].double().numpy()))) for n in names], axis=1))
     fits = np.concatenate(fits)
     world, rank = collective.world_size, collective.rank
     per_rank = max(1, max_fit_samples // world)

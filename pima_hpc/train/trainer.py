@@ -534,11 +534,7 @@ class Trainer:
         return preds
 
     def _bayes_curve(self, batch, name):
-        sub = {n: batch[n] for n in self.model.curve_names if n == name}
-        joint = self.model.log_pi()
-        from pima_hpc.model.elbo import expert_log_likelihood
-        joint = joint + expert_log_likelihood(sub[name], self.model.expert_curves(name), self.model.log_noise(name))
-        return joint.argmax(-1)
+        return self.model.expert_log_posterior(batch, [name]).argmax(-1)
 
     def evaluate(self) -> dict:
         metrics = {}
