@@ -2,9 +2,10 @@
 
 Per epoch: an EM pass in eval mode sets the cluster means (and optionally variances and
 weights) and solves the experts' least squares (eq 17); then Adam runs over this rank's batches
-on the rest. The first ``warmup_epochs`` take q(c) from the experts (eq 19) with the cluster means
-held at their initial positions, which pulls every sample's latent code to the cluster its physics
-says it belongs to; the paper's gamma = p(c|z) takes over afterwards.
+on the rest. During the warm-up the cluster means stay at their physics-ordered anchors, which
+pulls every sample's latent code to the cluster its physics says it belongs to, until the latent
+code alone agrees with q(c|X) (see closed_form_updates and docs/method.md). With the paper's
+q(c) = p(c|z) (model.cluster_posterior=latent) the warm-up takes q(c) from the experts (eq 19).
 
 Distribution enters only through ``ctx`` (rank, world size, device, the collective) and an
 optional DDP wrapper supplied by :mod:`pima_hpc.distributed`; every loss is a per-sample mean
