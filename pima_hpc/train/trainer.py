@@ -374,6 +374,14 @@ class Trainer:
             else:
                 self.model.load_state_dict(anchors, strict=False)
 
+    def _epoch_done(self, stage: str, label: str, epoch: int, total: int, metrics: dict) -> None:
+        """Log an epoch's metrics (rank 0) and hand them to the report hook (every rank)."""
+        if self.is_root:
+            log.info("%s %d/%d  %s", label, epoch, total,
+                     "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        if self.report:
+            self.report(stage, epoch, metrics)
+
     def _clip(self, module) -> None:
         if self.cfg.crossmodal.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.crossmodal.grad_clip)
@@ -482,11 +490,7 @@ class Trainer:
                 self.state["best_val_elbo"] = metrics["val_elbo"]
             if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
                 self.save(best=best)
-            if self.is_root:
-                log.info("epoch %d/%d  %s", epoch + 1, t.epochs,
-                         "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-            if self.report:
-                self.report("multimodal", epoch + 1, metrics)
+            self._epoch_done("multimodal", "epoch", epoch + 1, t.epochs, metrics)
         if self.state["stage"] == "multimodal":
             self.state["warm"] = False
             # Final closed-form pass so the saved model's means and experts match its encoders.
@@ -606,11 +610,7 @@ class Trainer:
             self.state["history"].append({"stage": "crossmodal", **metrics})
             self.state["epoch"], self.state["step"] = epoch + 1, 0
             self.save()
-            if self.is_root:
-                log.info("cross-modal epoch %d/%d  %s", epoch + 1, x.epochs,
-                         "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-            if self.report:
-                self.report("crossmodal", epoch + 1, metrics)
+            self._epoch_done("crossmodal", "cross-modal epoch", epoch + 1, x.epochs, metrics)
         if self.state["stage"] == "crossmodal":
             self.state["stage"] = "done"
             self.save()
