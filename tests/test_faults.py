@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -550,8 +551,13 @@ def test_bad_data_files_are_one_line_and_create_nothing(tmp_path, capsys, kind, 
     if kind == "not-hdf5":
         path.write_text("image,curve\n1,2\n")
     elif kind == "truncated":
-        with open(REPO / "data" / "mnist_clean.h5", "rb") as fh:
-            path.write_bytes(fh.read(4096))
+        # a real dataset cut short, built here so the test needs no prebuilt data/ files
+        from pima_hpc.data.convert import convert_arrays
+
+        rng = np.random.default_rng(0)
+        whole = convert_arrays(tmp_path / "whole.h5", rng.random((200, 1, 8, 8)), rng.random((200, 20)),
+                               np.linspace(0.0, 1.0, 20))
+        path.write_bytes(whole.read_bytes()[:4096])
     code, line = cli(capsys, "train", "configs/digits.yaml", f"run_dir={run}", "data.source=hdf5",
                      f"data.path={path}")
     assert code == 2 and line.startswith("pima: error: " + message.format(path=path))
