@@ -152,8 +152,8 @@ def lattice_extras(trainer: Trainer) -> dict:
     sq, inside, n = 0.0, 0.0, 0
     for idx in reader.batch_index_lists(256, shuffle=False):
         b = reader.read_batch(idx)
-        mu, _ = trainer.crossmodal("image", b["image"])
-        mean, var = model.predict_curve("curve", model.log_responsibilities(mu).exp())
+        gamma = trainer.crossmodal.log_cluster_posterior(model, "image", b["image"]).exp()
+        mean, var = model.predict_curve("curve", gamma)
         truth = spec.to_physical(b["curve"])
         sq += float(((mean - truth) ** 2).sum())
         inside += float(((truth - mean).abs() <= 2 * var.sqrt()).sum())

@@ -120,3 +120,13 @@ def crossmodal_kl(mu: torch.Tensor, logvar: torch.Tensor, mu_uni: torch.Tensor, 
     """
     inv = torch.exp(-logvar_uni)
     return 0.5 * (logvar_uni - logvar - 1.0 + torch.exp(logvar) * inv + (mu_uni - mu) ** 2 * inv).sum(-1)
+
+
+def cluster_distillation(log_gamma: torch.Tensor, log_gamma_uni: torch.Tensor) -> torch.Tensor:
+    """KL(p(c | z = mu) || p~(c | X_i)) per sample, (B,): not in the paper (docs/method.md).
+
+    Eq 18 alone regresses the unimodal mean onto the multimodal one; where one modality is
+    ambiguous the regression lands between clusters, often inside a third one. This term trains
+    a unimodal cluster head on the multimodal cluster assignment itself (a distillation of eq 15).
+    """
+    return (log_gamma.exp() * (log_gamma - log_gamma_uni)).sum(-1)

@@ -33,10 +33,10 @@ def _downsampled(size: int, n_layers: int) -> int:
     return size
 
 
-class Encoder(nn.Module):
-    """q(z | X_i) = N(mu_i, diag exp(logvar_i)) for one modality (eq 4)."""
+class ConvFeatures(nn.Module):
+    """The convolutional trunk shared by every per-modality network: X_i -> a flat feature vector."""
 
-    def __init__(self, spec: ModalitySpec, channels: list[int], latent_dim: int):
+    def __init__(self, spec: ModalitySpec, channels: list[int]):
         super().__init__()
         self.kind = spec.kind
         if spec.kind == IMAGE:
@@ -44,14 +44,23 @@ class Encoder(nn.Module):
         else:
             in_ch, spatial = 1, spec.shape
         self.features = _conv_stack(spec.kind, in_ch, channels)
-        n_feat = channels[-1] * math.prod(_downsampled(s, len(channels)) for s in spatial)
-        self.head = nn.Linear(n_feat, 2 * latent_dim)
+        self.size = channels[-1] * math.prod(_downsampled(s, len(channels)) for s in spatial)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == CURVE:
             x = x.unsqueeze(1)
-        h = self.features(x).flatten(1)
-        mu, logvar = self.head(h).chunk(2, dim=-1)
+        return self.features(x).flatten(1)
+
+
+class Encoder(ConvFeatures):
+    """q(z | X_i) = N(mu_i, diag exp(logvar_i)) for one modality (eq 4)."""
+
+    def __init__(self, spec: ModalitySpec, channels: list[int], latent_dim: int):
+        super().__init__(spec, channels)
+        self.head = nn.Linear(self.size, 2 * latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.head(super().forward(x)).chunk(2, dim=-1)
         # Bounded log-variance keeps the PoE precisions finite early in training.
         return mu, logvar.clamp(-12.0, 8.0)
 
@@ -80,6 +89,22 @@ class ImageDecoder(nn.Module):
         return torch.sigmoid(self.to_image(x))  # data are normalised to [0, 1] (Appendix A)
 
 
+class ClusterClassifier(ConvFeatures):
+    """log p~(c | X_i): the cross-modal cluster head (not in the paper; docs/method.md)."""
+
+    def __init__(self, spec: ModalitySpec, channels: list[int], n_clusters: int):
+        super().__init__(spec, channels)
+        self.head = nn.Linear(self.size, n_clusters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.head(super().forward(x)), dim=-1)
+
+
 def build_encoder(spec: ModalitySpec, image_channels: list[int], curve_channels: list[int],
                   latent_dim: int) -> Encoder:
     return Encoder(spec, image_channels if spec.kind == IMAGE else curve_channels, latent_dim)
+
+
+def build_classifier(spec: ModalitySpec, image_channels: list[int], curve_channels: list[int],
+                     n_clusters: int) -> ClusterClassifier:
+    return ClusterClassifier(spec, image_channels if spec.kind == IMAGE else curve_channels, n_clusters)

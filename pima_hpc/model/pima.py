@@ -17,7 +17,7 @@ from pima_hpc.config import ModelConfig
 from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
 from pima_hpc.model import elbo
 from pima_hpc.model.experts import build_expert
-from pima_hpc.model.networks import ImageDecoder, build_encoder
+from pima_hpc.model.networks import ImageDecoder, build_classifier, build_encoder
 
 
 def spread_points(n: int, dim: int, radius: float) -> torch.Tensor:
@@ -192,12 +192,23 @@ def elbo_from_terms(terms: dict[str, torch.Tensor], recon_w=1.0, expert_w=1.0, p
 
 
 class CrossModalEncoders(nn.Module):
-    """One unimodal encoder q~(z | X_i) per modality, same architecture as q(z | X_i) (Section 2.4)."""
+    """Unimodal inference (Section 2.4): per modality, q~(z | X_i) with the architecture of q(z | X_i),
+    trained by eq 18, and optionally a cluster head p~(c | X_i) (docs/method.md)."""
 
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig):
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, cluster_head: bool = False):
         super().__init__()
         self.encoders = nn.ModuleDict({m.name: build_encoder(m, cfg.image_channels, cfg.curve_channels,
                                                              cfg.latent_dim) for m in spec.modalities})
+        self.classifiers = nn.ModuleDict({m.name: build_classifier(m, cfg.image_channels, cfg.curve_channels,
+                                                                   cfg.n_clusters) for m in spec.modalities}
+                                         if cluster_head else {})
 
     def forward(self, name: str, x: torch.Tensor):
         return self.encoders[name](x)
+
+    def log_cluster_posterior(self, model: PIMA, name: str, x: torch.Tensor) -> torch.Tensor:
+        """log p(c | X_i) from modality ``name`` alone: the cluster head where trained, else eq 15 at mu~_i."""
+        if name in self.classifiers:
+            return self.classifiers[name](x)
+        mu, _ = self.encoders[name](x)
+        return model.log_responsibilities(mu)

@@ -32,9 +32,10 @@ from pima_hpc.collective import Collective
 from pima_hpc.config import Config, ConfigError, config_hash, save_config, to_dict
 from pima_hpc.data.loading import has_split, open_run_split
 from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label, table_metrics
-from pima_hpc.model.elbo import crossmodal_kl
+from pima_hpc.model.elbo import cluster_distillation, crossmodal_kl
 from pima_hpc.model.pima import PIMA, CrossModalEncoders, elbo_from_terms
 from pima_hpc.train import em
+from pima_hpc.train.batchnorm import precise_batchnorm
 from pima_hpc.train.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
 
 log = logging.getLogger("pima")
@@ -289,6 +290,10 @@ class Trainer:
             self.optimizer.load_state_dict(payload["optimizer"])
             self.state = payload["state"]
             _set_rng_state(payload["rng"])
+            if "crossmodal" in payload:
+                self._build_crossmodal()
+                self.crossmodal.load_state_dict(payload["crossmodal"])
+                self.xm_optimizer.load_state_dict(payload["xm_optimizer"])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # e.g. written by another pima-hpc version
             raise ResumeError(f"checkpoint {str(path)!r} does not fit this model ({type(exc).__name__}: "
                               f"{(str(exc).splitlines() or [''])[0][:160]}); use a new run_dir") from None
@@ -296,10 +301,6 @@ class Trainer:
             self.curve_memory = em.new_curve_statistics(self.model)
             for n, vals in payload["curve_memory"].items():
                 self.curve_memory[n].set_arrays([v.numpy() for v in vals.values()])
-        if "crossmodal" in payload:
-            self._build_crossmodal()
-            self.crossmodal.load_state_dict(payload["crossmodal"])
-            self.xm_optimizer.load_state_dict(payload["xm_optimizer"])
         log.info("resumed from %s (stage %s, epoch %d, step %d)", path, self.state["stage"],
                  self.state["epoch"], self.state["step"])
         return True
@@ -536,12 +537,18 @@ class Trainer:
         if self.crossmodal is not None:
             for name in self.spec.names:
                 preds[f"crossmodal_{name}"] = lambda b, n=name: self.crossmodal_predict(b, n)
+                if self.crossmodal.classifiers:
+                    preds[f"crossmodal_latent_{name}"] = lambda b, n=name: self.crossmodal_latent_predict(b, n)
         return preds
 
     def _bayes_curve(self, batch, name):
         return self.model.expert_log_posterior(batch, [name]).argmax(-1)
 
     def evaluate(self) -> dict:
+        # eval mode: BatchNorm running statistics, so a prediction does not depend on its batch
+        for module in (self.model, self.crossmodal):
+            if module is not None:
+                module.eval()
         metrics = {}
         if self.spec.label_names and self.train_data.labels() is not None:
             for key, predict in self.predictors().items():
@@ -554,7 +561,7 @@ class Trainer:
     # ----- the cross-modal stage (Section 2.4, eq 18) ------------------------------------------
     def _build_crossmodal(self) -> None:
         torch.manual_seed(self.cfg.seed + 1)
-        self.crossmodal = CrossModalEncoders(self.spec, self.cfg.model).to(self.device)
+        self.crossmodal = CrossModalEncoders(self.spec, self.cfg.model, self.cfg.crossmodal.cluster_head).to(self.device)
         if self.cfg.train.sync_batchnorm and self.ctx.world_size > 1:  # CUDA only, checked in __init__
             self.crossmodal = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.crossmodal)
         self.xm_net = self.wrap_ddp(self.crossmodal)
@@ -562,8 +569,20 @@ class Trainer:
 
     @torch.no_grad()
     def crossmodal_predict(self, batch, name):
+        return self.crossmodal.log_cluster_posterior(self.model, name, batch[name]).argmax(-1)
+
+    @torch.no_grad()
+    def crossmodal_latent_predict(self, batch, name):
+        """The paper's unimodal prediction, argmax p(c | z = mu~_i) (Section 2.4)."""
         mu, _ = self.crossmodal(name, batch[name])
         return self.model.log_responsibilities(mu).argmax(-1)
+
+    def _crossmodal_forward(self, idx) -> None:
+        batch = em.to_device(self.train_data.read_batch(idx), self.device)
+        for name in self.spec.names:
+            self.crossmodal(name, batch[name])
+            if name in self.crossmodal.classifiers:
+                self.crossmodal.classifiers[name](batch[name])
 
     def fit_crossmodal(self) -> None:
         x = self.cfg.crossmodal
@@ -580,32 +599,43 @@ class Trainer:
             counts = self.train_data.global_counts(x.batch_size)
             bar = self._progress(len(batches), f"cross-modal {epoch + 1}/{x.epochs}")
             partial = self._resume_partial()
-            kl_sum = np.array([partial.get(f"kl_{n}", 0.0) for n in self.spec.names])
+            keys = [f"{term}_{n}" for term in ("kl", "distill") for n in self.spec.names
+                    if term == "kl" or n in self.crossmodal.classifiers]
+            sums = np.array([partial.get(k, 0.0) for k in keys])
             for step in range(self.state["step"], len(batches)):
                 batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
                 with torch.no_grad():
                     mu, logvar = self.model.encode(batch)
-                # The encoders' losses are independent, so one Adam over all of them equals the
+                    log_gamma = self.model.log_responsibilities(mu)
+                # The networks' losses are independent, so one Adam over all of them equals the
                 # paper's sequential per-modality training, with one pass over the data.
-                kls = [crossmodal_kl(mu, logvar, *self.xm_net(name, batch[name])) for name in self.spec.names]
-                loss = sum(k.sum() for k in kls) * (self.ctx.world_size / float(counts[step]))
+                terms = {f"kl_{n}": crossmodal_kl(mu, logvar, *self.xm_net(n, batch[n])) for n in self.spec.names}
+                terms.update({f"distill_{n}": cluster_distillation(log_gamma, head(batch[n]))
+                              for n, head in self.crossmodal.classifiers.items()})
+                loss = sum(t.sum() for t in terms.values()) * (self.ctx.world_size / float(counts[step]))
                 self.xm_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                self._clip(self.crossmodal)
+                # clipped apart, so that a big eq-18 step does not shrink the cluster heads' steps
+                for part in (self.crossmodal.encoders, self.crossmodal.classifiers):
+                    self._clip(part)
                 self.xm_optimizer.step()
                 self.state["step"] = step + 1
-                kl_sum += [float(k.detach().sum()) for k in kls]
-                self._keep_partial({f"kl_{n}": v for n, v in zip(self.spec.names, kl_sum)})
-                self._check_finite({f"kl_{n}": k for n, k in zip(self.spec.names, kls)}, loss,
-                                   f"stage crossmodal, epoch {epoch + 1}, step {step + 1}")
+                sums += [float(terms[k].detach().sum()) for k in keys]
+                self._keep_partial(dict(zip(keys, sums)))
+                self._check_finite(terms, loss, f"stage crossmodal, epoch {epoch + 1}, step {step + 1}")
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
                 bar.close()
-            self._sync_batchnorm_stats(self.crossmodal)
+            if x.precise_bn_batches > 0:
+                batches = self.train_data.batch_index_lists(x.batch_size, epoch, self.cfg.seed + 11)
+                precise_batchnorm(self.crossmodal, self._crossmodal_forward, batches[:x.precise_bn_batches],
+                                  self.collective)
+            else:
+                self._sync_batchnorm_stats(self.crossmodal)
             self.state.pop("partial_sums", None)
-            tot = self.collective.allreduce_sum([np.append(kl_sum, len(self.train_data))])[0]
-            metrics = {f"kl_{n}": float(v / tot[-1]) for n, v in zip(self.spec.names, tot[:-1])}
+            tot = self.collective.allreduce_sum([np.append(sums, len(self.train_data))])[0]
+            metrics = {k: float(v / tot[-1]) for k, v in zip(keys, tot[:-1])}
             metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - tic)
             self.state["history"].append({"stage": "crossmodal", **metrics})
             self.state["epoch"], self.state["step"] = epoch + 1, 0
