@@ -135,6 +135,10 @@ class TrainConfig:
     ridge: float = 1e-8
     # torch's SyncBatchNorm (CUDA only): BatchNorm statistics over the global batch instead of per rank.
     sync_batchnorm: bool = False
+    # BatchNorm running statistics recomputed over this many training batches after each epoch, before
+    # the EM pass reads the encoders in eval mode ("precise BN", pima_hpc/train/batchnorm.py); 0 = keep
+    # torch's running averages, which lag the weights (MNIST seed 0: 99.26 % -> 99.55 % test).
+    precise_bn_batches: int = 64
     # Cap on optimizer steps per multimodal epoch (0 = the whole split): short benchmarks and smoke runs.
     max_steps_per_epoch: int = 0
     checkpoint_every: int = 1
@@ -154,6 +158,7 @@ class TrainConfig:
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")
         _check(self.ridge >= 0, "train.ridge", "must be >= 0")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = no cap)")
+        _check(self.precise_bn_batches >= 0, "train.precise_bn_batches", "must be >= 0 (0 = off)")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
 

@@ -331,6 +331,20 @@ class Trainer:
         for b, v in zip(bufs, self.collective.allreduce_sum(mine)):
             b.copy_(torch.as_tensor(v, dtype=b.dtype))
 
+    def _recompute_batchnorm(self, module, forward, n_batches: int, batch_size: int, epoch: int) -> None:
+        """End of an epoch: precise BatchNorm statistics from ``n_batches`` fixed training batches, or
+        (n_batches = 0) torch's running averages made identical on every rank."""
+        if n_batches == 0:
+            self._sync_batchnorm_stats(module)
+            return
+        batches = self.train_data.batch_index_lists(batch_size, epoch, self.cfg.seed + 11)[:n_batches]
+        precise_batchnorm(module, forward, batches, self.collective)
+
+    @torch.no_grad()
+    def _multimodal_forward(self, idx) -> None:
+        gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, 11, int(idx[0]), self.ctx.rank))
+        self.model(em.to_device(self.train_data.read_batch(idx), self.device), gen)
+
     # ----- the multimodal stage ----------------------------------------------------------------
     def initialise(self) -> None:
         bs = self.cfg.train.batch_size * 4
@@ -446,7 +460,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(loss) / self.ctx.world_size:.3f}")
         if bar is not None:
             bar.close()
-        self._sync_batchnorm_stats(self.model)
+        self._recompute_batchnorm(self.model, self._multimodal_forward, t.precise_bn_batches, t.batch_size, epoch)
         self.state.pop("partial_sums", None)
         keys = sorted(sums)
         # Means over the samples this epoch actually visited (a step cap or a resume visits fewer).
@@ -627,12 +641,8 @@ class Trainer:
                     bar.update(1)
             if bar is not None:
                 bar.close()
-            if x.precise_bn_batches > 0:
-                batches = self.train_data.batch_index_lists(x.batch_size, epoch, self.cfg.seed + 11)
-                precise_batchnorm(self.crossmodal, self._crossmodal_forward, batches[:x.precise_bn_batches],
-                                  self.collective)
-            else:
-                self._sync_batchnorm_stats(self.crossmodal)
+            self._recompute_batchnorm(self.crossmodal, self._crossmodal_forward, x.precise_bn_batches,
+                                      x.batch_size, epoch)
             self.state.pop("partial_sums", None)
             tot = self.collective.allreduce_sum([np.append(sums, len(self.train_data))])[0]
             metrics = {k: float(v / tot[-1]) for k, v in zip(keys, tot[:-1])}
