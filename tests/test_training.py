@@ -67,20 +67,19 @@ def test_evaluation_is_deterministic(trained):
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):
-    """Stop after 2 epochs, resume to 3: bitwise the same parameters as 3 epochs straight."""
-    straight = Trainer(_cfg(tmp_path / "a", "train.epochs=3", "stages=[multimodal]", "figures=false"))
+    """Resume a 3-epoch run from its epoch-2 checkpoint: bitwise the parameters of the run straight through."""
+    straight = Trainer(_cfg(tmp_path / "a", "train.epochs=3", "stages=[multimodal]", "figures=false",
+                            "train.keep_checkpoints=10"))
     straight.run()
-    first = Trainer(_cfg(tmp_path / "b", "train.epochs=2", "stages=[multimodal]", "figures=false"))
-    first.run()
-    # Same run_dir, more epochs: the trainer resumes from the epoch-2 checkpoint... but the final
-    # closed-form pass already ran, so resume from the mid-training checkpoint instead.
-    ckpts = sorted((tmp_path / "b" / "checkpoints").glob("ckpt-multimodal-e0002-*.pt"))
+    ckpts = sorted((tmp_path / "a" / "checkpoints").glob("ckpt-multimodal-e0002-*.pt"))
     assert ckpts
     import shutil
     resumed_dir = tmp_path / "c"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(ckpts[0], resumed_dir / "checkpoints" / ckpts[0].name)
-    resumed = Trainer(_cfg(resumed_dir, "train.epochs=3", "stages=[multimodal]", "figures=false"))
+    resumed = Trainer(_cfg(resumed_dir, "train.epochs=3", "stages=[multimodal]", "figures=false",
+                           "train.keep_checkpoints=10"))
     resumed.run()
+    assert resumed.state["history"] == straight.state["history"][:2] + resumed.state["history"][2:]
     for (k, v), (k2, v2) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
