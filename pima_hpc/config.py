@@ -177,7 +177,7 @@ class CrossModalConfig:
     # ("precise BN"; 0 = keep the running averages of training). The running averages lag the
     # weights, and curve encoders' eval-mode predictions measured 50-90 % where precise ones gave 99 %.
     precise_bn_batches: int = 64
-    # Also train a cluster head p~(c|X_i) per modality on KL(p(c|z=mu) || p~(c|X_i)) and use it for
+    # Also train a cluster head p~(c|X_i) per modality on KL(q(c|X) || p~(c|X_i)) and use it for
     # cross-modal cluster predictions (docs/method.md); false = the paper's p(c|z=mu~_i) alone.
     cluster_head: bool = True
 

@@ -123,7 +123,7 @@ def crossmodal_kl(mu: torch.Tensor, logvar: torch.Tensor, mu_uni: torch.Tensor, 
 
 
 def cluster_distillation(log_gamma: torch.Tensor, log_gamma_uni: torch.Tensor) -> torch.Tensor:
-    """KL(p(c | z = mu) || p~(c | X_i)) per sample, (B,): not in the paper (docs/method.md).
+    """KL(q(c | X) || p~(c | X_i)) per sample, (B,): not in the paper (docs/method.md).
 
     Eq 18 alone regresses the unimodal mean onto the multimodal one; where one modality is
     ambiguous the regression lands between clusters, often inside a third one. This term trains

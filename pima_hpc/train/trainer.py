@@ -549,6 +549,8 @@ class Trainer:
     def predictors(self) -> dict:
         """Every way the toolkit assigns clusters: multimodal, each cross-modal encoder, eqs 19-20."""
         preds = {"multimodal": self.model.predict}
+        if self.cfg.model.cluster_posterior == "joint" and self.model.curve_names:
+            preds["multimodal_joint"] = self._joint_predict
         for name in self.model.curve_names:
             preds[f"bayes_{name}"] = lambda b, n=name: self._bayes_curve(b, n)
         if self.crossmodal is not None:
@@ -557,6 +559,13 @@ class Trainer:
                 if self.crossmodal.classifiers:
                     preds[f"crossmodal_latent_{name}"] = lambda b, n=name: self.crossmodal_latent_predict(b, n)
         return preds
+
+    @torch.no_grad()
+    def _joint_predict(self, batch):
+        """argmax q(c | X): the latent code's p(c | z = mu) and the experts' likelihoods together, the
+        q(c) the ELBO trains with (model.cluster_posterior: joint); not the paper's evaluation."""
+        mu, logvar = self.model.encode(batch)
+        return self.model.cluster_log_posterior(batch, mu, logvar, mu).argmax(-1)
 
     def _bayes_curve(self, batch, name):
         return self.model.expert_log_posterior(batch, [name]).argmax(-1)
@@ -623,7 +632,9 @@ class Trainer:
                 batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
                 with torch.no_grad():
                     mu, logvar = self.model.encode(batch)
-                    log_gamma = self.model.log_responsibilities(mu)
+                    # the heads' teacher: the multimodal model's own q(c | X) at z = mu (with the
+                    # default joint posterior it counts the experts' likelihoods too)
+                    log_gamma = self.model.cluster_log_posterior(batch, mu, logvar, mu)
                 # The networks' losses are independent, so one Adam over all of them equals the
                 # paper's sequential per-modality training, with one pass over the data.
                 terms = {f"kl_{n}": crossmodal_kl(mu, logvar, *self.xm_net(n, batch[n])) for n in self.spec.names}
