@@ -45,7 +45,8 @@ PAPER = {  # Table 1 (PIMA rows) and Section 3.2: (max, mean, stdev) in %
 }
 NOISE_STD = {"clean": 0.01, "noisy": 0.5}
 # crossmodal_<m>: the cluster heads (docs/method.md); crossmodal_latent_<m>: the paper's p(c | z = mu~_m)
-ROWS = ("multimodal", "crossmodal_image", "crossmodal_curve", "crossmodal_latent_image", "crossmodal_latent_curve",
+# multimodal_joint: argmax q(c | X), the experts' likelihoods counted too (docs/method.md, Evaluation)
+ROWS = ("multimodal", "multimodal_joint", "crossmodal_image", "crossmodal_curve", "crossmodal_latent_image", "crossmodal_latent_curve",
         "bayes_curve")
 
 
