@@ -112,9 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; key=value overrides may also follow the options
+    (``pima tune FILE --resume name=x``), which plain argparse rejects once a ``nargs="*"``
+    positional has been matched before an option."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if hasattr(args, "overrides") and late == extra:
+        args.overrides = [*(args.overrides or []), *late]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     _setup_logging()
     try:
         return int(args.func(args) or 0)

@@ -47,3 +47,15 @@ def test_cli_reports_one_line_and_exits_2(tmp_path):
         "pima: error: unknown config key 'train.bach_size'; did you mean 'train.batch_size'?")
     assert "Traceback" not in proc.stderr
     assert not run.exists()
+
+
+def test_overrides_may_follow_options():
+    from pima_hpc.cli import parse
+
+    args = parse(["tune", "sweep.yaml", "--resume", "name=x", "trials=2"])
+    assert args.resume and args.config == "sweep.yaml" and args.overrides == ["name=x", "trials=2"]
+    assert parse(["train", "c.yaml", "a=1", "b=2"]).overrides == ["a=1", "b=2"]
+    for argv in (["show", "runs/x", "a=1"], ["train", "c.yaml", "--epochs=3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(argv)
+        assert exit_info.value.code == 2
