@@ -297,7 +297,12 @@ def test_two_ranks_signals_stop_every_rank_after_one_step_and_resume_bitwise(tmp
         assert proc.wait(timeout=90) != 0  # torchrun reports its workers' 75 as a failure
         assert time.monotonic() - tic < 45
         text = log.read_text()
-        assert text.count("exiting with 75") == 2 and text.count("exitcode  : 75") == 2, tail(log, 60)
+        # Both ranks checkpoint and exit 75; torchrun SIGTERMs the workers still running once the first
+        # one exits, so the slower rank may be reported as -15 (seen in CI): that rank had already
+        # logged its exit, and the checkpoint below is what the requeue resumes from.
+        assert text.count("exiting with 75") == 2, tail(log, 60)
+        assert 1 <= text.count("exitcode  : 75") <= 2, tail(log, 60)
+        assert text.count("exitcode  : 75") + text.count("(SIGTERM)") >= 2, tail(log, 60)
         first = latest(run)
         assert not first.endswith("-s000000.pt"), first
 
