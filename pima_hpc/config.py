@@ -67,6 +67,10 @@ class ModelConfig:
     prior_expert: bool = False
     # Physics expert for every curve modality, by registered name (pima_hpc.model.experts).
     expert: str = "affine"
+    # "fixed" (eq 11): the cluster's curve itself; "free": each curve is a_d E_c(t) + noise, with a
+    # per-sample amplitude a_d profiled out in closed form, so clusters group curves by shape, not
+    # by scale (pima_hpc.model.experts; docs/method.md "Scale-free experts").
+    expert_amplitude: str = "fixed"
     # "learned": sigma_hat_c^2 from the weighted residuals each epoch; "fixed": expert_noise_std.
     expert_noise: str = "learned"
     expert_noise_std: float = 1.0
@@ -92,8 +96,13 @@ class ModelConfig:
         _choice(self.expert_noise, "model.expert_noise", ("learned", "fixed"))
         _check(self.expert_noise_std > 0, "model.expert_noise_std", "must be > 0")
         _check(self.expert_noise_floor > 0, "model.expert_noise_floor", "must be > 0")
-        from pima_hpc.model.experts import EXPERTS
+        from pima_hpc.model.experts import AMPLITUDES, EXPERTS
         _choice(self.expert, "model.expert", sorted(EXPERTS))
+        _choice(self.expert_amplitude, "model.expert_amplitude", AMPLITUDES)
+        _check(self.expert_amplitude == "fixed" or len(EXPERTS[self.expert].param_names) >= 2,
+               "model.expert_amplitude",
+               f"'free' needs an expert with a shape: {self.expert!r} has one parameter, which a free amplitude "
+               "absorbs, so every cluster would have the same curve; use expert_amplitude=fixed")
 
 
 @dataclass

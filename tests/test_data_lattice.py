@@ -13,7 +13,8 @@ from pima_hpc.data import DataError, describe, open_split, read_truth
 from pima_hpc.data.lattice import (E_SOLID, GYROID, OCTET, SCALING, SIGMA_Y_SOLID, LatticeConfig, build_lattice,
                                    generate_specimen)
 
-SMALL = LatticeConfig(size=48, augment="none")
+# the density-spread population: its within-topology density range is what the scaling laws are fitted over
+SMALL = LatticeConfig(size=48, augment="none", population="spread")
 
 
 def fit_linear_hardening(strain: np.ndarray, stress: np.ndarray):
@@ -120,6 +121,27 @@ def test_topologies_distinguishable_from_images(small):
     feats = np.log(feats / feats.sum(1, keepdims=True) + 1e-9)  # translation-invariant spectrum shape
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, max_iter=2000))
     assert cross_val_score(clf, feats, cat["label"], cv=5).mean() >= 0.85
+
+
+def test_design_population_splits_naturally_and_shares_the_other_draws():
+    """Default population: each topology near its design density (print scatter only), so the curves of
+    one topology have one modulus scale; the spread population differs in density alone."""
+    design, spread = LatticeConfig(size=32, augment="none"), LatticeConfig(size=32, augment="none", population="spread")
+    assert design.population == "design"
+    specs = [generate_specimen(5, i, design) for i in range(40)]
+    for topo in (GYROID, OCTET):
+        rho = np.array([s["relative_density"] for s in specs if s["topology"] == topo])
+        target = np.array([s["target_density"] for s in specs if s["topology"] == topo])
+        assert len(rho) >= 10
+        assert np.std(np.log(target)) == pytest.approx(design.density_cv, rel=0.5)
+        assert abs(np.median(target) / design.design_density[topo] - 1) < 0.03
+        e = np.array([s["E"] for s in specs if s["topology"] == topo])
+        assert e.max() / e.min() < 1.8  # spread population: 3x (octet) to 9x (gyroid)
+    other = generate_specimen(5, 3, spread)
+    assert other["topology"] == specs[3]["topology"] and other["cell_mm"] == specs[3]["cell_mm"]
+    assert other["target_density"] != specs[3]["target_density"]
+    with pytest.raises(DataError, match="--population must be"):
+        LatticeConfig(population="uniform")
 
 
 def test_paper_defaults_quadrants_and_flips(tmp_path):

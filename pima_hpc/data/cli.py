@@ -42,7 +42,8 @@ def cmd_mnist(args) -> int:
 
 def cmd_lattice(args) -> int:
     from pima_hpc.data.lattice import LatticeConfig, build_lattice
-    cfg = LatticeConfig(size=args.size, augment=args.augment)
+    cfg = LatticeConfig(size=args.size, augment=args.augment, population=args.population,
+                        density_cv=args.density_cv)
     t0 = time.time()
     out = build_lattice(args.out, args.n, seed=args.seed, cfg=cfg, test_fraction=args.test_fraction,
                         shard_size=args.shard_size, workers=args.workers, progress=not args.quiet,
@@ -144,6 +145,11 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=152, help="stored image side in pixels")
     p.add_argument("--augment", default="paper", choices=("paper", "quadrants", "none"),
                    help="paper: 4 quadrant crops x (as is, flipped x, flipped y) = 12 images per specimen")
+    p.add_argument("--population", default="design", choices=("design", "spread"),
+                   help="design: each topology at one design density with print scatter (the paper); "
+                        "spread: densities drawn over 0.10-0.30, a harder density-confounded set")
+    p.add_argument("--density-cv", type=float, default=0.04,
+                   help="log-normal print deviation of the density around its design (population design)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of specimens in the test split")
     p.add_argument("--workers", type=int, default=0, help="render in this many processes (same result)")
     _common(p)

@@ -46,6 +46,19 @@ sourced law: bending-dominated lattices show a rising plateau, stretch-dominated
 flat one. Specimen-to-specimen scatter multiplies E, sigma_y and H by independent log-normal
 factors (5 %), and the measured curve carries Gaussian noise of 1 % of sigma_y (load cell).
 
+Two populations (``LatticeConfig.population``):
+
+* ``design`` (the default, as in the paper): each topology is printed at ONE design relative density
+  (``design_density``, 0.20 for both here; the paper does not state its values) and scatters
+  around it only through the print process: a log-normal deviation of the printed density
+  (``density_cv`` = 4 %, a typical L-PBF strut-thickness deviation) plus the voxel defects above,
+  all of which enter the measured density. The two populations' curves then "split naturally"
+  (the paper's Figure 6): octet stiff with a flat plateau, gyroid softer with a rising one.
+* ``spread``: the design density itself is drawn uniformly from ``density`` (0.10-0.30) for each
+  specimen, so within a topology E varies 3x (octet) to 9x (gyroid): a harder, density-confounded set
+  in which a curve's amplitude says more about its density than its topology. Both settings draw
+  the same random numbers, so the same seed gives the same specimens except for their density.
+
 Every specimen is generated from its own random stream ``(seed, index)``, so a dataset is
 reproducible and can be generated in parallel and in any block size.
 """
@@ -61,6 +74,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+from scipy.stats import norm
 
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.writer import DatasetWriter, ModalityLayout, TruthField, default_provenance
@@ -102,7 +116,10 @@ class LatticeConfig:
     augment: str = "paper"           # "paper": 4 quadrants x (as is, flip x, flip y); "quadrants"; "none"
     crop_mm: float = 7.6             # field of view of one stored image
     cell_mm: tuple = (2.0, 4.0)      # unit-cell size range
-    density: tuple = (0.10, 0.30)    # target relative density range (Gibson-Ashby regime rho < 0.3)
+    population: str = "design"       # "design": one design density per topology; "spread": uniform range
+    design_density: tuple = (0.20, 0.20)  # (gyroid, octet) design relative densities ("design")
+    density_cv: float = 0.04         # log-normal print deviation of the density around the design
+    density: tuple = (0.10, 0.30)    # target relative density range ("spread"; Gibson-Ashby regime rho < 0.3)
     points: int = 100                # curve length
     strain_max: float = 0.05
     curve_noise: float = 0.01        # std of the load noise / sigma_y
@@ -123,6 +140,12 @@ class LatticeConfig:
             raise DataError(f"--size must be >= 16 pixels, got {self.size}")
         if not 0 < self.density[0] < self.density[1] < 0.5:
             raise DataError(f"density range must satisfy 0 < lo < hi < 0.5, got {self.density}")
+        if self.population not in ("design", "spread"):
+            raise DataError(f"--population must be 'design' or 'spread', got {self.population!r}")
+        if len(self.design_density) != 2 or not all(0 < d < 0.5 for d in self.design_density):
+            raise DataError(f"design densities (gyroid, octet) must be in (0, 0.5), got {self.design_density}")
+        if not 0 <= self.density_cv < 0.5:
+            raise DataError(f"--density-cv must be in [0, 0.5), got {self.density_cv}")
 
     @property
     def views(self) -> int:
@@ -318,9 +341,14 @@ def specimen_parameters(seed: int, index: int, cfg: LatticeConfig) -> dict:
     """The random design and process parameters of specimen ``index`` (its own random stream)."""
     rng = np.random.default_rng([seed, index, 0])
     topo = int(rng.integers(2))
+    u = float(rng.uniform())  # one draw for either population, so both share every other parameter
+    if cfg.population == "spread":
+        target = cfg.density[0] + u * (cfg.density[1] - cfg.density[0])
+    else:
+        target = cfg.design_density[topo] * math.exp(cfg.density_cv * float(norm.ppf(min(max(u, 1e-12), 1 - 1e-12))))
     return {
         "topology": topo,
-        "target_density": float(rng.uniform(*cfg.density)),
+        "target_density": float(target),
         "cell_mm": float(rng.uniform(*cfg.cell_mm)),
         "shift": rng.uniform(0, 1, size=3),
         "porosity": float(rng.uniform(*cfg.porosity)),

@@ -132,8 +132,7 @@ def generated_figure(trainer, name, path):
 def crossmodal_figure(trainer, reader, src, dst, path, n=6):
     model, spec = trainer.model, trainer.spec[dst]
     batch, _, _ = _sample(trainer, reader, n)
-    gamma = trainer.crossmodal.log_cluster_posterior(model, src, batch[src]).exp()
-    mean, var = model.predict_curve(dst, gamma, physical=True)
+    mean, var = trainer.crossmodal.predict_curve(model, src, dst, batch[src])
     truth = spec.to_physical(batch[dst].cpu().numpy())
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.4), squeeze=False)
     for i in range(n):

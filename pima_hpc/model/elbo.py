@@ -96,21 +96,66 @@ def expert_log_likelihood(x: torch.Tensor, expert_means: torch.Tensor, log_noise
     return -0.5 * (n * (LOG_2PI + log_noise_var) + sq * torch.exp(-log_noise_var))
 
 
+def profiled_amplitude(x: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+    """a_dc = max(<x_d, m_c>, 0) / <m_c, m_c>, the best amplitude of each cluster's shape: (B, L), (C, L) -> (B, C).
+
+    x and shapes must share a zero offset (a curve of amplitude 0 is 0); see pima_hpc.model.experts.
+    """
+    return (x @ shapes.T).clamp_min(0.0) / (shapes ** 2).sum(-1).clamp_min(1e-30)
+
+
+def profiled_expert_log_likelihood(x: torch.Tensor, shapes: torch.Tensor, log_noise_var: torch.Tensor) -> torch.Tensor:
+    """max_a log N(X_s; a E(t; theta_c), sigma_hat_c^2 I), eq 11 with a free amplitude a >= 0: (B, C).
+
+    min_a ||x - a m||^2 = ||x||^2 - max(<x, m>, 0)^2 / ||m||^2 (a profile likelihood, docs/method.md).
+    """
+    a = profiled_amplitude(x, shapes)
+    sq = ((x ** 2).sum(-1, keepdim=True) - a ** 2 * (shapes ** 2).sum(-1)).clamp_min(0.0)
+    n = x.shape[-1]
+    return -0.5 * (n * (LOG_2PI + log_noise_var) + sq * torch.exp(-log_noise_var))
+
+
 def gaussian_recon_log_likelihood(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """log N(X_i; mu_hat_i, I) for a data-driven modality (eq 12, unit variance as in ERRATA 3): (B,)."""
     d = (x - x_hat).flatten(1)
     return -0.5 * (d.shape[1] * LOG_2PI + (d ** 2).sum(-1))
 
 
-def moe_mean_var(weights: torch.Tensor, expert_means: torch.Tensor, noise_var: torch.Tensor):
+def moe_mean_var(weights: torch.Tensor, expert_means: torch.Tensor, noise_var: torch.Tensor,
+                 amplitude: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Mixture-of-experts mean and variance of a scientific modality (eqs 13-14, ERRATA 4).
 
     E[X] = sum_c w_c E_c;  Var[X] = sum_c w_c (sigma_hat_c^2 + E_c^2) - E[X]^2.
     ``weights`` is pi (C,) for the marginal, or gamma (B, C) for a prediction given a sample.
+    With a free amplitude, X | c = a E_c + noise and ``amplitude`` = (E[a | c], E[a^2 | c]), each
+    (B, C): E[X] = sum_c w_c E[a|c] E_c, E[X^2] = sum_c w_c (sigma_hat_c^2 + E[a^2|c] E_c^2), so the
+    amplitude's uncertainty widens the band (expert curves then in units with a zero offset).
     """
-    mean = weights @ expert_means
-    second = weights @ (noise_var.unsqueeze(-1) + expert_means ** 2)
+    if amplitude is None:
+        mean = weights @ expert_means
+        second = weights @ (noise_var.unsqueeze(-1) + expert_means ** 2)
+    else:
+        a1, a2 = amplitude
+        mean = (weights * a1) @ expert_means
+        second = weights @ noise_var.unsqueeze(-1) + (weights * a2) @ expert_means ** 2
     return mean, (second - mean ** 2).clamp_min(0.0)
+
+
+def lognormal_moments(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[a], E[a^2]) of a = exp(N(mean, exp(logvar)))."""
+    var = logvar.exp()
+    return torch.exp(mean + 0.5 * var), torch.exp(2.0 * mean + 2.0 * var)
+
+
+def amplitude_nll(gamma: torch.Tensor, log_a: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """sum_c gamma_c (-log N(log a_c; mean_c, exp(logvar_c))): the amplitude head's loss, (B,).
+
+    Not in the paper (docs/method.md): with a free amplitude, a curve predicted from another
+    modality needs the amplitude too; the head learns log a given each cluster, weighted by the
+    multimodal model's q(c | X).
+    """
+    nll = 0.5 * (LOG_2PI + logvar + (log_a - mean) ** 2 * torch.exp(-logvar))
+    return (gamma * nll).sum(-1)
 
 
 def crossmodal_kl(mu: torch.Tensor, logvar: torch.Tensor, mu_uni: torch.Tensor, logvar_uni: torch.Tensor):

@@ -4,16 +4,29 @@ Experts work in PHYSICAL units (the curve grid ``t`` and the curve values as mea
 fitted parameters are directly interpretable (a slope; a modulus, a yield strain, a hardening
 modulus). The model maps their predictions into the normalised data space.
 
-Eq 17's weighted least squares is solved from sufficient statistics, not by Adam: every curve of
-a modality shares one grid t, so for cluster c
+Two likelihoods (``model.expert_amplitude``):
 
-    sum_d gamma_cd ||x_d - E(t; theta)||^2 = S0_c ||xbar_c - E(t; theta)||^2 + const,
-    S0_c = sum_d gamma_cd,  S1_c = sum_d gamma_cd x_d,  xbar_c = S1_c / S0_c   (ERRATA 9),
+* ``fixed`` (eq 11): x_d = E(t; theta_c) + noise. Every curve of a modality shares one grid t, so
+  for cluster c
 
-so the normal equations of any design are A_c = S0_c Phi^T Phi, b_c = Phi^T S1_c, and
-(S0, S1) add across batches and ranks (see pima_hpc.model.statistics and docs/distributed.md).
+      sum_d gamma_cd ||x_d - E(t; theta)||^2 = S0_c ||xbar_c - E(t; theta)||^2 + const,
+      S0_c = sum_d gamma_cd,  S1_c = sum_d gamma_cd x_d,  xbar_c = S1_c / S0_c   (ERRATA 9),
 
-Adding an expert is one small class registered by name:
+  and the normal equations of any design are A_c = S0_c Phi^T Phi, b_c = Phi^T S1_c.
+* ``free`` (scale-free): x_d = a_d E(t; theta_c) + noise with a per-sample amplitude a_d profiled
+  out in closed form, a_d = <x_d, m> / <m, m> for m = E(t; theta_c). Then
+
+      sum_d gamma_cd ||x_d - a_d m||^2 = tr(M2_c) - m^T M2_c m / m^T m,
+      M2_c = sum_d gamma_cd x_d x_d^T   (L x L, the gamma-weighted second moment),
+
+  so the shape maximises a Rayleigh quotient over the expert's family (a generalised eigenproblem
+  for a linear expert) and only the shape is identified: the scale is fixed by the convention that
+  the cluster's gamma-weighted mean amplitude is 1, sum_d gamma_cd a_d = S0_c, i.e. E(t; theta_c) is
+  the cluster's typical curve. A curve family whose members differ only by scale (a relative
+  density changes a lattice's modulus, not its topology) then groups by shape.
+
+The statistics (S0, S1, M2) add across batches and ranks (pima_hpc.model.statistics,
+docs/distributed.md). Adding an expert is one small class registered by name:
 
     @register_expert("quadratic")
     class Quadratic(LinearExpert):
@@ -28,10 +41,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-import torch
-from scipy.optimize import minimize_scalar
 
 EXPERTS: dict[str, type["Expert"]] = {}
+AMPLITUDES = ("fixed", "free")
 
 
 def register_expert(name: str):
@@ -47,14 +59,42 @@ def register_expert(name: str):
     return wrap
 
 
+def top_eigenvectors(a: np.ndarray, chol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Largest generalised eigenpair of (A, B) with B = chol chol^T: a (..., p, p) -> (lambda (...), v (..., p)).
+
+    max_v v^T A v / v^T B v, by the symmetric eigenproblem of chol^-1 A chol^-T (batched).
+    """
+    inv = np.linalg.inv(chol)
+    sym = inv @ a @ np.swapaxes(inv, -1, -2)
+    sym = 0.5 * (sym + np.swapaxes(sym, -1, -2))
+    w, u = np.linalg.eigh(sym)
+    v = np.einsum("...ji,...j->...i", inv, u[..., -1])  # chol^-T u
+    return w[..., -1], v
+
+
+def scale_to_unit_amplitude(curves: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
+    """Factor that gives shapes (K, L) a gamma-weighted mean profiled amplitude of 1 (module docstring).
+
+    sum_d gamma_d a_d = <S1, m> / <m, m> must equal S0, so m -> m * <S1, m> / (S0 <m, m>); the sign
+    makes the typical amplitude positive.
+    """
+    mm = np.maximum((curves ** 2).sum(-1), 1e-300)
+    return (s1 * curves).sum(-1) / (np.maximum(s0, 1e-300) * mm)
+
+
 class Expert:
     """Interface of a physics expert on a fixed grid ``t`` (physical units)."""
 
     name: ClassVar[str]
     param_names: ClassVar[tuple[str, ...]]
+    # Parameters that only scale the curve (multiplied by the amplitude a_d in physical reports).
+    scale_params: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, t: np.ndarray):
+    def __init__(self, t: np.ndarray, amplitude: str = "fixed"):
         self.t = np.asarray(t, dtype=np.float64)
+        if amplitude not in AMPLITUDES:
+            raise ValueError(f"expert amplitude must be one of {AMPLITUDES}, got {amplitude!r}")
+        self.amplitude = amplitude
 
     @property
     def n_params(self) -> int:
@@ -64,16 +104,38 @@ class Expert:
         """E(t; theta) for parameters (..., p) -> curves (..., L)."""
         raise NotImplementedError
 
-    def solve(self, s0: np.ndarray, s1: np.ndarray, theta_prev: np.ndarray, ridge: float = 0.0) -> np.ndarray:
-        """Eq 17 for every cluster from (S0 (C,), S1 (C, L)) in physical units -> theta (C, p).
+    def solve(self, s0: np.ndarray, s1: np.ndarray, theta_prev: np.ndarray, ridge: float = 0.0,
+              m2: np.ndarray | None = None) -> np.ndarray:
+        """Eq 17 for every cluster from (S0 (C,), S1 (C, L)[, M2 (C, L, L)]) in physical units -> theta (C, p).
 
-        Clusters with no weight keep ``theta_prev``.
+        ``m2`` is required with a free amplitude. Clusters with no weight keep ``theta_prev``.
         """
+        theta = np.array(theta_prev, dtype=np.float64, copy=True)
+        has = s0 > 1e-12
+        if has.any():
+            if self.amplitude == "fixed":
+                theta[has] = self.solve_fixed(s0[has], s1[has], ridge)
+            else:
+                if m2 is None:
+                    raise ValueError("a free-amplitude expert needs the second-moment statistic m2")
+                theta[has] = self.solve_free(s0[has], s1[has], m2[has])
+        return theta
+
+    def solve_fixed(self, s0: np.ndarray, s1: np.ndarray, ridge: float) -> np.ndarray:
+        """argmin_theta S0 ||S1/S0 - E(theta)||^2 + ridge ||theta_lin||^2 per cluster (K,), (K, L) -> (K, p)."""
+        raise NotImplementedError
+
+    def solve_free(self, s0: np.ndarray, s1: np.ndarray, m2: np.ndarray) -> np.ndarray:
+        """argmax over shapes of m^T M2 m / m^T m, scaled to unit mean amplitude: (K,), (K, L), (K, L, L) -> (K, p)."""
         raise NotImplementedError
 
     def fit_samples(self, x: np.ndarray) -> np.ndarray:
-        """Least-squares parameters of each curve alone, (N, L) -> (N, p): used to initialise clusters."""
-        return self.solve(np.ones(len(x)), x, np.zeros((len(x), self.n_params)))
+        """Least-squares parameters of each curve alone, (N, L) -> (N, p): used to initialise clusters.
+
+        For one curve the free-amplitude fit is the fixed one (its amplitude is 1 by the convention).
+        """
+        x = np.asarray(x, dtype=np.float64)
+        return self.solve_fixed(np.ones(len(x)), x, 0.0)
 
     def cluster_features(self, theta: np.ndarray) -> np.ndarray:
         """Features of per-sample fits (N, p) that k-means clusters to seed the clusters.
@@ -95,22 +157,33 @@ class LinearExpert(Expert):
         """The design matrix Phi (L, p)."""
         raise NotImplementedError
 
+    @property
+    def scale_params(self):  # every parameter of a linear law scales with the curve
+        return self.param_names
+
     def evaluate(self, theta):
         return np.asarray(theta) @ self.design(self.t).T
 
-    def solve(self, s0, s1, theta_prev, ridge=0.0):
+    def solve_fixed(self, s0, s1, ridge):
         phi = self.design(self.t)
-        gram = phi.T @ phi
-        theta = np.array(theta_prev, dtype=np.float64, copy=True)
-        eye = np.eye(len(gram))
         # Normal equations A_c = S0_c Phi^T Phi (+ ridge), b_c = Phi^T S1_c; p is tiny, so a
         # batched dense solve is exact and cheap.
-        has = s0 > 1e-12
-        if has.any():
-            a = s0[has, None, None] * gram + ridge * eye
-            b = s1[has] @ phi
-            theta[has] = np.linalg.solve(a, b[..., None])[..., 0]
-        return theta
+        a = s0[:, None, None] * (phi.T @ phi) + ridge * np.eye(phi.shape[1])
+        return np.linalg.solve(a, (s1 @ phi)[..., None])[..., 0]
+
+    def solve_free(self, s0, s1, m2):
+        # max_theta theta^T Phi^T M2 Phi theta / theta^T Phi^T Phi theta: the top generalised
+        # eigenvector; every rank solves the same small problem from the same reduced statistics.
+        phi = self.design(self.t)
+        _, v = top_eigenvectors(phi.T @ m2 @ phi, np.linalg.cholesky(phi.T @ phi))
+        return v * scale_to_unit_amplitude(v @ phi.T, s0, s1)[:, None]
+
+    def cluster_features(self, theta):
+        if self.amplitude == "fixed":
+            return theta
+        # only the direction of theta is a shape; the sign is fixed by the first nonzero entry
+        direction = theta / np.maximum(np.linalg.norm(theta, axis=1, keepdims=True), 1e-300)
+        return direction * np.sign(direction[:, :1] + (direction[:, :1] == 0))
 
 
 @register_expert("affine")
@@ -129,79 +202,154 @@ class StrainHardening(Expert):
 
     sigma(eps) = E eps                               for eps <= eps_y
                = E eps_y + H (eps - eps_y)           for eps >  eps_y
-    with E > 0, H >= 0 and the yield strain eps_y inside the strain window. For a fixed eps_y the
-    law is linear in (E, H) with design [min(eps, eps_y), max(eps - eps_y, 0)], so eq 17 is solved
-    by variable projection: the (E, H) solve is exact for every eps_y, and a bounded scalar
-    search over eps_y (a grid, then Brent refinement) finds the yield point.
-    Parameters: (E, eps_y, H); the yield stress is E * eps_y.
+    with E >= 0, H >= 0 and the yield strain eps_y in [t_1, t_{L-2}]. Parameters (E, eps_y, H);
+    the yield stress is E * eps_y.
+
+    The solve is exact and global (no search grid). Between two grid points t_k <= eps_y <= t_{k+1}
+    the law is LINEAR in (alpha, beta, gamma) = (E, H, (E - H) eps_y) with the design
+    D_k = [t 1(t <= t_k), t 1(t >= t_{k+1}), 1(t >= t_{k+1})], which does not depend on eps_y.
+    So within every interval the minimum (fixed amplitude: a convex quadratic; free amplitude: a
+    Rayleigh quotient, whose only local maximum is the top eigenvector) is either the unconstrained
+    optimum of D_k, if it maps back to a feasible (E, eps_y, H), or lies on the feasible set's
+    boundary: a grid point eps_y = t_k (a two-parameter problem with E, H >= 0), or a face H = 0 or
+    E = 0 (again linear in two parameters). Every candidate is closed form; the best one wins.
+    ``ridge`` adds ridge * (E^2 + H^2), which is quadratic in (alpha, beta), so it stays exact.
     """
 
     param_names = ("modulus", "yield_strain", "hardening_modulus")
-    grid_size = 96
+    scale_params = ("modulus", "hardening_modulus")
 
-    def __init__(self, t):
-        super().__init__(t)
-        lo, hi = self.t[1], self.t[-2]
-        self.eps_bounds = (float(lo), float(hi))
-        self.eps_grid = np.linspace(lo, hi, self.grid_size)
+    def __init__(self, t, amplitude="fixed"):
+        super().__init__(t, amplitude)
+        if len(self.t) < 5 or np.any(np.diff(self.t) <= 0):
+            raise ValueError("strain_hardening needs >= 5 strictly increasing strain points")
+        self.eps_bounds = (float(self.t[1]), float(self.t[-2]))
+        n = len(self.t)
+        # D_k for the split "j <= k | j > k", k = 0..L-1 (only k = 1..L-2 are used): (L, L, 3)
+        after = np.arange(n)[None, :] > np.arange(n)[:, None]
+        self._designs = np.stack([np.where(after, 0.0, self.t), np.where(after, self.t, 0.0),
+                                  after.astype(float)], axis=-1)
 
     def evaluate(self, theta):
         theta = np.asarray(theta, dtype=np.float64)
         e, eps_y, h = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
         return e * np.minimum(self.t, eps_y) + h * np.maximum(self.t - eps_y, 0.0)
 
-    def _project(self, xbar: np.ndarray, eps_y: np.ndarray):
-        """Best (E >= 0, H >= 0) for each curve (K, L) at yield strains eps_y (K,) -> (beta (K, 2), sse (K,))."""
-        t = self.t
-        p1 = np.minimum(t, eps_y[:, None])
-        p2 = np.maximum(t - eps_y[:, None], 0.0)
-        a11, a12, a22 = (p1 * p1).sum(1), (p1 * p2).sum(1), (p2 * p2).sum(1)
-        b1, b2 = (p1 * xbar).sum(1), (p2 * xbar).sum(1)
-        det = a11 * a22 - a12 ** 2
-        safe = np.where(det > 0, det, 1.0)
-        e = np.where(det > 0, (a22 * b1 - a12 * b2) / safe, b1 / np.maximum(a11, 1e-300))
-        h = np.where(det > 0, (a11 * b2 - a12 * b1) / safe, 0.0)
-        # Physical constraints: a negative hardening slope becomes a plateau (H = 0, refit E);
-        # a negative modulus becomes 0 (the curve is then fitted by H alone).
-        neg_h = h < 0
-        e = np.where(neg_h, b1 / np.maximum(a11, 1e-300), e)
-        h = np.where(neg_h, 0.0, h)
-        neg_e = e < 0
-        h = np.where(neg_e, np.maximum(b2, 0.0) / np.maximum(a22, 1e-300), h)
-        e = np.where(neg_e, 0.0, e)
-        beta = np.stack([e, h], axis=1)
-        fit = beta[:, :1] * p1 + beta[:, 1:] * p2
-        return beta, ((xbar - fit) ** 2).sum(1)
+    # ----- candidates --------------------------------------------------------------------------
+    def _candidates(self):
+        """Index sets of the problems to solve: grid points g and intervals [t_k, t_{k+1}]."""
+        n = len(self.t)
+        grid = np.arange(1, n - 1)        # eps_y = t_g, g = 1..L-2
+        intervals = np.arange(1, n - 2)   # t_k < eps_y < t_{k+1}, k = 1..L-3
+        return grid, intervals
 
-    def _fit_curves(self, xbar: np.ndarray, refine: bool) -> np.ndarray:
-        k = len(xbar)
-        sse = np.empty((k, len(self.eps_grid)))
-        for j, eps in enumerate(self.eps_grid):
-            sse[:, j] = self._project(xbar, np.full(k, eps))[1]
-        eps_y = self.eps_grid[np.argmin(sse, axis=1)]
-        if refine:
-            step = self.eps_grid[1] - self.eps_grid[0]
-            for i in range(k):
-                lo = max(self.eps_bounds[0], eps_y[i] - step)
-                hi = min(self.eps_bounds[1], eps_y[i] + step)
-                res = minimize_scalar(lambda e: self._project(xbar[i:i + 1], np.array([e]))[1][0],
-                                      bounds=(lo, hi), method="bounded", options={"xatol": 1e-10 * max(hi, 1e-12)})
-                eps_y[i] = res.x
-        beta, _ = self._project(xbar, eps_y)
-        return np.stack([beta[:, 0], eps_y, beta[:, 1]], axis=1)
+    def _grid_maps(self, grid):
+        """(E, H) -> (alpha, beta, gamma) at eps_y = t_g: (G, 3, 2)."""
+        m = np.zeros((len(grid), 3, 2))
+        m[:, 0, 0] = m[:, 1, 1] = 1.0
+        m[:, 2, 0], m[:, 2, 1] = self.t[grid], -self.t[grid]
+        return m
 
-    def solve(self, s0, s1, theta_prev, ridge=0.0):
-        theta = np.array(theta_prev, dtype=np.float64, copy=True)
-        has = s0 > 1e-12
-        if has.any():
-            xbar = s1[has] / s0[has, None]
-            theta[has] = self._fit_curves(xbar, refine=True)
-        return theta
+    def solve_fixed(self, s0, s1, ridge):
+        s0, s1 = np.asarray(s0, np.float64), np.asarray(s1, np.float64)
+        grid, intervals = self._candidates()
+        d = self._designs
+        gram = np.einsum("kli,klj->kij", d, d)                     # (L, 3, 3)
+        q = s0[:, None, None, None] * gram + ridge * np.diag([1.0, 1.0, 0.0])  # (K, L, 3, 3)
+        b = np.einsum("kli,cl->cki", d, s1)                         # (K, L, 3)
+        best_f = np.zeros(len(s0))                                  # E = H = 0: objective 0
+        best = np.zeros((len(s0), 3))
+        best[:, 1] = self.t[grid[0]]
 
-    def fit_samples(self, x):
-        # Grid-only yield points: per-sample fits only seed the clustering, so Brent refinement
-        # of every one of possibly millions of curves would be wasted work.
-        return self._fit_curves(np.asarray(x, dtype=np.float64), refine=False)
+        def offer(f, e, eps, h, ok):
+            nonlocal best_f, best
+            f = np.where(ok, f, np.inf)
+            j = np.argmin(f, axis=1)
+            fj = f[np.arange(len(f)), j]
+            better = fj < best_f
+            pick = np.stack([e, eps, h], -1)[np.arange(len(f)), j]
+            best_f = np.where(better, fj, best_f)
+            best = np.where(better[:, None], pick, best)
+
+        # grid points: 2-parameter non-negative least squares in (E, H)
+        m = self._grid_maps(grid)
+        q2 = np.einsum("gia,cgij,gjb->cgab", m, q[:, grid], m)
+        b2 = np.einsum("gia,cgi->cga", m, b[:, grid])
+        eps = np.broadcast_to(self.t[grid], q2.shape[:2])
+        y = np.linalg.solve(q2, b2[..., None])[..., 0]
+        offer(-(b2 * y).sum(-1), y[..., 0], eps, y[..., 1], (y >= 0).all(-1))
+        for i in (0, 1):  # one of E, H at zero
+            v = b2[..., i] / q2[..., i, i]
+            e, h = (v, 0 * v) if i == 0 else (0 * v, v)
+            offer(-b2[..., i] * v, e, eps, h, v >= 0)
+        # interval interiors and the faces H = 0 and E = 0 inside them
+        lo, hi = self.t[intervals], self.t[intervals + 1]
+        qk, bk = q[:, intervals], b[:, intervals]
+        y = np.linalg.solve(qk, bk[..., None])[..., 0]
+        e, h, g = y[..., 0], y[..., 1], y[..., 2]
+        eps = g / np.where(e - h == 0, np.nan, e - h)
+        offer(-(bk * y).sum(-1), e, eps, h, (e >= 0) & (h >= 0) & (eps >= lo) & (eps <= hi))
+        for keep, sign in (((0, 2), 1.0), ((1, 2), -1.0)):  # H = 0: curve alpha u + gamma v; E = 0
+            sub = np.ix_(keep, keep)
+            y = np.linalg.solve(qk[..., sub[0], sub[1]], bk[..., keep][..., None])[..., 0]
+            a, g = y[..., 0], y[..., 1]
+            eps = sign * g / np.where(a == 0, np.nan, a)
+            e, h = (a, 0 * a) if keep[0] == 0 else (0 * a, a)
+            offer(-(bk[..., keep] * y).sum(-1), e, eps, h, (a >= 0) & (eps >= lo) & (eps <= hi))
+        return best
+
+    def solve_free(self, s0, s1, m2):
+        s0, s1, m2 = (np.asarray(a, np.float64) for a in (s0, s1, m2))
+        grid, intervals = self._candidates()
+        d = self._designs
+        gram = np.einsum("kli,klj->kij", d, d)                     # B_k = D_k^T D_k (L, 3, 3)
+        a = np.einsum("kli,clm,kmj->ckij", d, m2, d)               # A_k = D_k^T M2 D_k (K, L, 3, 3)
+        k_all = len(s0)
+        best_r = np.full(k_all, -np.inf)
+        best = np.zeros((k_all, 3))
+
+        def offer(r, e, eps, h, ok):
+            nonlocal best_r, best
+            r = np.where(ok, r, -np.inf)
+            j = np.argmax(r, axis=1)
+            rj = r[np.arange(k_all), j]
+            better = rj > best_r
+            pick = np.stack([e, eps, h], -1)[np.arange(k_all), j]
+            best_r = np.where(better, rj, best_r)
+            best = np.where(better[:, None], pick, best)
+
+        # grid points: the top eigenvector of the (E, H) problem if it lies in E, H >= 0, else a ray
+        m = self._grid_maps(grid)
+        a2 = np.einsum("gia,cgij,gjb->cgab", m, a[:, grid], m)
+        b2 = np.einsum("gia,gij,gjb->gab", m, gram[grid], m)
+        eps = np.broadcast_to(self.t[grid], a2.shape[:2])
+        r, v = top_eigenvectors(a2, np.linalg.cholesky(b2))
+        v = v * np.sign(v[..., :1] + (v[..., :1] == 0))
+        offer(r, v[..., 0], eps, v[..., 1], v[..., 1] >= 0)
+        for i in (0, 1):
+            r = a2[..., i, i] / b2[None, :, i, i]
+            one = np.ones_like(r)
+            e, h = (one, 0 * one) if i == 0 else (0 * one, one)
+            offer(r, e, eps, h, np.ones_like(r, bool))
+        # interval interiors and the faces H = 0 and E = 0 inside them
+        lo, hi = self.t[intervals], self.t[intervals + 1]
+        ak, bk = a[:, intervals], gram[intervals]
+        r, y = top_eigenvectors(ak, np.linalg.cholesky(bk))
+        y = y * np.sign(y[..., :1] + (y[..., :1] == 0))
+        e, h, g = y[..., 0], y[..., 1], y[..., 2]
+        eps = g / np.where(e - h == 0, np.nan, e - h)
+        offer(r, e, eps, h, (h >= 0) & (eps >= lo) & (eps <= hi))
+        for keep, sign in (((0, 2), 1.0), ((1, 2), -1.0)):
+            r, y = top_eigenvectors(ak[..., keep, :][..., :, keep], np.linalg.cholesky(bk[:, keep][:, :, keep]))
+            y = y * np.sign(y[..., :1] + (y[..., :1] == 0))
+            lead, g = y[..., 0], y[..., 1]
+            eps = sign * g / np.where(lead == 0, np.nan, lead)
+            e, h = (lead, 0 * lead) if keep[0] == 0 else (0 * lead, lead)
+            offer(r, e, eps, h, (eps >= lo) & (eps <= hi))
+        scale = scale_to_unit_amplitude(self.evaluate(best), s0, s1)
+        best[:, 0] *= scale
+        best[:, 2] *= scale
+        return best
 
     def cluster_features(self, theta):
         # Gibson-Ashby: modulus and yield stress scale with relative density within a topology,
@@ -215,11 +363,7 @@ class StrainHardening(Expert):
         return out
 
 
-def build_expert(name: str, t: np.ndarray) -> Expert:
+def build_expert(name: str, t: np.ndarray, amplitude: str = "fixed") -> Expert:
     if name not in EXPERTS:
         raise ValueError(f"unknown expert {name!r}; registered experts: {sorted(EXPERTS)}")
-    return EXPERTS[name](t)
-
-
-def as_tensor(curves: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(curves, dtype=like.dtype, device=like.device)
+    return EXPERTS[name](t, amplitude)

@@ -17,7 +17,7 @@ from pima_hpc.config import ModelConfig
 from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
 from pima_hpc.model import elbo
 from pima_hpc.model.experts import build_expert
-from pima_hpc.model.networks import ImageDecoder, build_classifier, build_encoder
+from pima_hpc.model.networks import ImageDecoder, build_amplitude_head, build_classifier, build_encoder
 
 
 def spread_points(n: int, dim: int, radius: float) -> torch.Tensor:
@@ -51,7 +51,9 @@ class PIMA(nn.Module):
                                        for m in spec.modalities})
         self.decoders = nn.ModuleDict({m.name: ImageDecoder(m, cfg.decoder_channels, l)
                                        for m in spec.modalities if m.kind == IMAGE})
-        self.experts = {m.name: build_expert(cfg.expert, m.t) for m in spec.modalities if m.kind == CURVE}
+        self.experts = {m.name: build_expert(cfg.expert, m.t, cfg.expert_amplitude)
+                        for m in spec.modalities if m.kind == CURVE}
+        self.amplitude_free = cfg.expert_amplitude == "free"
         # eq 9: pi = softmax(free vector)
         self.pi_logits = nn.Parameter(torch.zeros(c))
         # eq 10: cluster means (EM, eq 16) and log-variances (Adam, or EM when enabled)
@@ -80,6 +82,24 @@ class PIMA(nn.Module):
     def log_noise(self, name: str) -> torch.Tensor:
         return getattr(self, f"log_noise_{name}")
 
+    def curve_shift(self, name: str) -> float:
+        """offset / scale: normalised curves plus this have a zero offset, x_n + shift = x_physical / scale,
+        the units in which a free amplitude multiplies the curve."""
+        s = self.spec[name]
+        return float(s.offset / s.scale)
+
+    def curve_log_likelihood(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """log p(X_s | c) of curve modality ``name`` for every cluster (eq 11; profiled over a free amplitude): (B, C)."""
+        if not self.amplitude_free:
+            return elbo.expert_log_likelihood(x, self.expert_curves(name), self.log_noise(name))
+        shift = self.curve_shift(name)
+        return elbo.profiled_expert_log_likelihood(x + shift, self.expert_curves(name) + shift, self.log_noise(name))
+
+    def amplitudes(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Each curve's profiled amplitude under every cluster's shape (1 = the cluster's typical curve): (B, C)."""
+        shift = self.curve_shift(name)
+        return elbo.profiled_amplitude(x + shift, self.expert_curves(name) + shift)
+
     def log_pi(self) -> torch.Tensor:
         return torch.log_softmax(self.pi_logits, dim=0)
 
@@ -106,7 +126,7 @@ class PIMA(nn.Module):
         names = self.curve_names if names is None else names
         joint = self.log_pi().detach().expand(len(batch[names[0]]), -1)
         for name in names:
-            joint = joint + elbo.expert_log_likelihood(batch[name], self.expert_curves(name), self.log_noise(name))
+            joint = joint + self.curve_log_likelihood(name, batch[name])
         return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
     def image_log_posterior(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -139,7 +159,7 @@ class PIMA(nn.Module):
         with torch.no_grad():
             joint = self.log_pi() + elbo.expected_log_prior_z(mu, logvar, self.cluster_means, self.cluster_logvars)
             for name in self.curve_names:
-                joint = joint + elbo.expert_log_likelihood(batch[name], self.expert_curves(name), self.log_noise(name))
+                joint = joint + self.curve_log_likelihood(name, batch[name])
             return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
@@ -161,7 +181,7 @@ class PIMA(nn.Module):
         for name in self.image_names:
             terms["recon"] = terms["recon"] + elbo.gaussian_recon_log_likelihood(batch[name], self.decoders[name](z))
         for name in self.curve_names:
-            ll = elbo.expert_log_likelihood(batch[name], self.expert_curves(name), self.log_noise(name))
+            ll = self.curve_log_likelihood(name, batch[name])
             terms["expert"] = terms["expert"] + (gamma * ll).sum(-1)
         terms["prior_z"] = (gamma * elbo.expected_log_prior_z(mu, logvar, self.cluster_means,
                                                                self.cluster_logvars)).sum(-1)
@@ -176,13 +196,28 @@ class PIMA(nn.Module):
         return {name: self.decoders[name](z) for name in self.image_names}
 
     @torch.no_grad()
-    def predict_curve(self, name: str, weights: torch.Tensor, physical: bool = True):
-        """MoE mean and variance of curve modality ``name`` (eqs 13-14, ERRATA 4) under ``weights``."""
-        mean, var = elbo.moe_mean_var(weights, self.expert_curves(name), self.log_noise(name).exp())
+    def predict_curve(self, name: str, weights: torch.Tensor, physical: bool = True,
+                      log_amplitude: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """MoE mean and variance of curve modality ``name`` (eqs 13-14, ERRATA 4) under ``weights``.
+
+        With a free amplitude, ``log_amplitude`` = (mean, log-variance) of log a given each cluster,
+        (B, C) each (an amplitude head's output); without it the amplitude is 1, the typical curve.
+        """
+        s = self.spec[name]
+        if not self.amplitude_free or log_amplitude is None:
+            mean, var = elbo.moe_mean_var(weights, self.expert_curves(name), self.log_noise(name).exp())
+        else:
+            shift = self.curve_shift(name)
+            mean, var = elbo.moe_mean_var(weights, self.expert_curves(name) + shift, self.log_noise(name).exp(),
+                                          elbo.lognormal_moments(*log_amplitude))
+            mean = mean - shift
         if physical:
-            s = self.spec[name]
             mean, var = s.to_physical(mean), var * s.scale ** 2
         return mean, var
+
+
+def amplitude_key(src: str, dst: str) -> str:
+    return f"{src}_to_{dst}"
 
 
 def elbo_from_terms(terms: dict[str, torch.Tensor], recon_w=1.0, expert_w=1.0, prior_w=1.0) -> torch.Tensor:
@@ -193,7 +228,8 @@ def elbo_from_terms(terms: dict[str, torch.Tensor], recon_w=1.0, expert_w=1.0, p
 
 class CrossModalEncoders(nn.Module):
     """Unimodal inference (Section 2.4): per modality, q~(z | X_i) with the architecture of q(z | X_i),
-    trained by eq 18, and optionally a cluster head p~(c | X_i) (docs/method.md)."""
+    trained by eq 18, optionally a cluster head p~(c | X_i), and, with a free expert amplitude, an
+    amplitude head per (source modality, curve modality) pair (docs/method.md)."""
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, cluster_head: bool = False):
         super().__init__()
@@ -202,6 +238,22 @@ class CrossModalEncoders(nn.Module):
         self.classifiers = nn.ModuleDict({m.name: build_classifier(m, cfg.image_channels, cfg.curve_channels,
                                                                    cfg.n_clusters) for m in spec.modalities}
                                          if cluster_head else {})
+        curves = [m.name for m in spec.modalities if m.kind == CURVE]
+        self.amplitude_heads = nn.ModuleDict(
+            {amplitude_key(m.name, dst): build_amplitude_head(m, cfg.image_channels, cfg.curve_channels, cfg.n_clusters)
+             for m in spec.modalities for dst in curves if m.name != dst}
+            if cfg.expert_amplitude == "free" else {})
+
+    def log_amplitude(self, src: str, dst: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, log-variance) of log a of curve ``dst`` given each cluster, from modality ``src``: (B, C) each."""
+        key = amplitude_key(src, dst)
+        return self.amplitude_heads[key](x) if key in self.amplitude_heads else None
+
+    @torch.no_grad()
+    def predict_curve(self, model: PIMA, src: str, dst: str, x: torch.Tensor, physical: bool = True):
+        """Curve ``dst`` from modality ``src`` alone: MoE mean and variance (eqs 13-14) under p~(c | X_src)."""
+        gamma = self.log_cluster_posterior(model, src, x).exp()
+        return model.predict_curve(dst, gamma, physical, self.log_amplitude(src, dst, x))
 
     def forward(self, name: str, x: torch.Tensor):
         return self.encoders[name](x)

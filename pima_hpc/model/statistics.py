@@ -8,6 +8,7 @@ the single-process result).
 Per cluster c, with gamma_cd = p(c | z_d) and q(z_d|X_d) = N(mu_d, diag s_d^2):
     latent:  N0_c = sum_d gamma_cd,  N1_c = sum_d gamma_cd mu_d,  N2_c = sum_d gamma_cd (mu_d^2 + s_d^2)
     curves:  S0_c = sum_d gamma_cd,  S1_c = sum_d gamma_cd x_d,   S2_c = sum_d gamma_cd ||x_d||^2
+             and, for scale-free experts, M2_c = sum_d gamma_cd x_d x_d^T (L x L)
 """
 
 from __future__ import annotations
@@ -53,9 +54,15 @@ def latent_statistics(gamma: np.ndarray, mu: np.ndarray, var: np.ndarray) -> dic
     return {"n0": gamma.sum(0), "n1": gamma.T @ mu, "n2": gamma.T @ (mu ** 2 + var), "count": np.array(len(mu), float)}
 
 
-def curve_statistics(gamma: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Gamma-weighted curve sums of one batch (the RLS information for eq 17): gamma (B, C), x (B, L)."""
-    return {"s0": gamma.sum(0), "s1": gamma.T @ x, "s2": gamma.T @ (x ** 2).sum(1)}
+def curve_statistics(gamma: np.ndarray, x: np.ndarray, second_moment: bool = False) -> dict[str, np.ndarray]:
+    """Gamma-weighted curve sums of one batch (the RLS information for eq 17): gamma (B, C), x (B, L).
+
+    ``second_moment`` adds M2 = sum gamma x x^T (C, L, L), which a free-amplitude expert needs.
+    """
+    out = {"s0": gamma.sum(0), "s1": gamma.T @ x, "s2": gamma.T @ (x ** 2).sum(1)}
+    if second_moment:
+        out["m2"] = np.einsum("bc,bi,bj->cij", gamma, x, x, optimize=True)
+    return out
 
 
 def m_step_means(n0: np.ndarray, n1: np.ndarray, prev: np.ndarray) -> np.ndarray:
@@ -107,4 +114,19 @@ def expert_noise_variance(s0: np.ndarray, s1: np.ndarray, s2: np.ndarray, curves
     out = np.array(prev, dtype=np.float64, copy=True)
     sse = s2 - 2.0 * (curves * s1).sum(1) + s0 * (curves ** 2).sum(1)
     out[has] = np.maximum(sse[has] / (s0[has] * curves.shape[1]), floor_var)
+    return out
+
+
+def profiled_noise_variance(s0: np.ndarray, m2: np.ndarray, shapes: np.ndarray, prev: np.ndarray,
+                            floor_var: float) -> np.ndarray:
+    """sigma_hat_c^2 of a free-amplitude expert: sum_d gamma_cd min_a ||x_d - a m_c||^2 / (L S0_c).
+
+    The profiled residual sum is tr(M2_c) - m_c^T M2_c m_c / m_c^T m_c (pima_hpc.model.experts), in
+    the units of the statistics; ``shapes`` (C, L) are the clusters' curves in those units.
+    """
+    has = s0 > 1e-10
+    out = np.array(prev, dtype=np.float64, copy=True)
+    quad = np.einsum("ci,cij,cj->c", shapes, m2, shapes) / np.maximum((shapes ** 2).sum(1), 1e-300)
+    sse = np.trace(m2, axis1=1, axis2=2) - quad
+    out[has] = np.maximum(sse[has] / (s0[has] * shapes.shape[1]), floor_var)
     return out

@@ -16,7 +16,7 @@ from sklearn.cluster import KMeans
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.statistics import (StreamingStatistics, curve_statistics, expert_noise_variance,
                                        latent_statistics, m_step_means, m_step_tied_variance, m_step_variances,
-                                       m_step_weights)
+                                       m_step_weights, profiled_noise_variance)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -25,8 +25,23 @@ def to_device(batch: dict, device) -> dict:
 
 def new_curve_statistics(model: PIMA) -> dict[str, StreamingStatistics]:
     c = model.cfg.n_clusters
-    return {name: StreamingStatistics({"s0": (c,), "s1": (c, len(model.experts[name].t)), "s2": (c,)})
-            for name in model.curve_names}
+    out = {}
+    for name in model.curve_names:
+        n = len(model.experts[name].t)
+        shapes = {"s0": (c,), "s1": (c, n), "s2": (c,)}
+        if model.amplitude_free:
+            shapes["m2"] = (c, n, n)
+        out[name] = StreamingStatistics(shapes)
+    return out
+
+
+def add_curve_batch(model: PIMA, curves: dict[str, StreamingStatistics], gamma: np.ndarray, batch: dict) -> None:
+    """Add one batch's gamma-weighted curve statistics; a free amplitude needs them with a zero offset."""
+    for name in model.curve_names:
+        x = batch[name].double().cpu().numpy()
+        if model.amplitude_free:
+            x = x + model.curve_shift(name)
+        curves[name].add(**curve_statistics(gamma, x, second_moment=model.amplitude_free))
 
 
 def reduce_all(collective, groups: list[StreamingStatistics]) -> None:
@@ -61,8 +76,7 @@ def em_pass(model: PIMA, reader, batch_size: int, collective, device, curve_memo
         log_q = model.cluster_log_posterior(batch, mu, logvar, mu)
         gamma = log_q.exp().double().cpu().numpy()
         latent.add(**latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy()))
-        for name in model.curve_names:
-            curves[name].add(**curve_statistics(gamma, batch[name].double().cpu().numpy()))
+        add_curve_batch(model, curves, gamma, batch)
     reduce_all(collective, [latent] + [curves[n] for n in model.curve_names])
     if curve_memory and forgetting > 0:
         for name in model.curve_names:
@@ -113,13 +127,21 @@ def apply_expert_solve(model: PIMA, curves: dict[str, StreamingStatistics], ridg
     for name, st in curves.items():
         spec = model.spec[name]
         s0, s1, s2 = st["s0"], st["s1"], st["s2"]
-        # Statistics are in normalised units; experts work in physical units (x = scale x_n + offset).
-        s1_phys = spec.scale * s1 + spec.offset * s0[:, None]
-        theta = model.experts[name].solve(s0, s1_phys, model.theta(name), ridge)
-        model.set_theta(name, theta)
-        if noise == "learned":
+        prev_noise = model.log_noise(name).exp().double().cpu().numpy()
+        if model.amplitude_free:
+            # statistics of x_n + offset/scale = x / scale: physical units are one factor away
+            theta = model.experts[name].solve(s0, spec.scale * s1, model.theta(name), ridge,
+                                              m2=spec.scale ** 2 * st["m2"])
+            model.set_theta(name, theta)
+            shapes = model.expert_curves(name).double().cpu().numpy() + model.curve_shift(name)
+            var = profiled_noise_variance(s0, st["m2"], shapes, prev_noise, noise_floor ** 2)
+        else:
+            # Statistics are in normalised units; experts work in physical units (x = scale x_n + offset).
+            s1_phys = spec.scale * s1 + spec.offset * s0[:, None]
+            model.set_theta(name, model.experts[name].solve(s0, s1_phys, model.theta(name), ridge))
             var = expert_noise_variance(s0, s1, s2, model.expert_curves(name).double().cpu().numpy(),
-                                        model.log_noise(name).exp().double().cpu().numpy(), noise_floor ** 2)
+                                        prev_noise, noise_floor ** 2)
+        if noise == "learned":
             model.log_noise(name).copy_(torch.as_tensor(np.log(var)))
 
 
@@ -157,8 +179,7 @@ def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, de
     for batch in reader.iter_batches(batch_size, shuffle=False):
         gamma = eye[assign[start:start + len(batch["index"])]]
         start += len(batch["index"])
-        for n in names:
-            curves[n].add(**curve_statistics(gamma, batch[n].double().numpy()))
+        add_curve_batch(model, curves, gamma, batch)
     reduce_all(collective, [curves[n] for n in names])
     apply_expert_solve(model, curves, ridge=0.0, noise="learned", noise_floor=model.cfg.expert_noise_floor)
     if model.cfg.expert_noise == "fixed":

@@ -32,8 +32,8 @@ from pima_hpc.collective import Collective
 from pima_hpc.config import Config, ConfigError, config_hash, save_config, to_dict
 from pima_hpc.data.loading import has_split, open_run_split
 from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label, table_metrics
-from pima_hpc.model.elbo import cluster_distillation, crossmodal_kl
-from pima_hpc.model.pima import PIMA, CrossModalEncoders, elbo_from_terms
+from pima_hpc.model.elbo import amplitude_nll, cluster_distillation, crossmodal_kl
+from pima_hpc.model.pima import PIMA, CrossModalEncoders, amplitude_key, elbo_from_terms
 from pima_hpc.train import em
 from pima_hpc.train.batchnorm import precise_batchnorm
 from pima_hpc.train.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
@@ -398,8 +398,9 @@ class Trainer:
             self.report(stage, epoch, metrics)
 
     def _clip(self, module) -> None:
-        if self.cfg.crossmodal.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.crossmodal.grad_clip)
+        params = list(module.parameters())
+        if self.cfg.crossmodal.grad_clip > 0 and params:  # a part may be empty (no cluster or amplitude heads)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.crossmodal.grad_clip)
 
     def _check_finite(self, terms: dict, loss: torch.Tensor, where: str) -> None:
         bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
@@ -582,7 +583,54 @@ class Trainer:
         metrics["experts"] = {n: self.model.experts[n].describe(self.model.theta(n)) for n in self.model.curve_names}
         metrics["expert_noise_std"] = {n: self.model.log_noise(n).exp().sqrt().tolist() for n in self.model.curve_names}
         metrics["cluster_weights"] = self.model.log_pi().exp().tolist()
+        if self.model.amplitude_free:
+            metrics["expert_amplitude"] = self.amplitude_report(self.train_data)
         return metrics
+
+    @torch.no_grad()
+    def amplitude_report(self, reader, quantiles=(0.05, 0.5, 0.95)) -> dict:
+        """Per curve modality and cluster: the distribution of the samples' profiled amplitudes (free
+        expert amplitude), and of the scale parameters they imply in physical units (a_d * theta_c).
+
+        Samples go to their argmax q(c | X); the quantiles are over this rank's gather of every
+        rank's amplitudes (a sum of zero-padded slots, as the initialisation does).
+        """
+        c = self.cfg.model.n_clusters
+        amps = {n: [] for n in self.model.curve_names}
+        assign = []
+        for batch in reader.iter_batches(self.cfg.train.batch_size * 4, shuffle=False):
+            batch = em.to_device(batch, self.device)
+            mu, logvar = self.model.encode(batch)
+            k = self.model.cluster_log_posterior(batch, mu, logvar, mu).argmax(-1)
+            assign.append(k.cpu().numpy())
+            for n in amps:
+                amps[n].append(self.model.amplitudes(n, batch[n]).gather(1, k[:, None])[:, 0].double().cpu().numpy())
+        assign = self._gather_rows(np.concatenate(assign).astype(float))
+        out = {}
+        for n, parts in amps.items():
+            a = self._gather_rows(np.concatenate(parts))
+            expert, theta = self.model.experts[n], self.model.theta(n)
+            rows = []
+            for k in range(c):
+                sel = a[assign == k]
+                row = {"cluster": k, "n": int(len(sel))}
+                if len(sel):
+                    row.update(mean=float(sel.mean()), sd=float(sel.std()),
+                               **{f"q{int(100 * q):02d}": float(np.quantile(sel, q)) for q in quantiles})
+                    for i, p in enumerate(expert.param_names):
+                        if p in expert.scale_params:
+                            row[p] = {f"q{int(100 * q):02d}": float(np.quantile(sel, q) * theta[k, i]) for q in quantiles}
+                rows.append(row)
+            out[n] = rows
+        return out
+
+    def _gather_rows(self, local: np.ndarray) -> np.ndarray:
+        """Concatenate every rank's 1-D array in rank order, through the one collective (zero-padded slots)."""
+        sizes = self.collective.allreduce_sum([np.eye(self.ctx.world_size)[self.ctx.rank] * len(local)])[0].astype(int)
+        slots = np.zeros((self.ctx.world_size, int(sizes.max())))
+        slots[self.ctx.rank, :len(local)] = local
+        summed = self.collective.allreduce_sum([slots])[0]
+        return np.concatenate([summed[r, :sizes[r]] for r in range(self.ctx.world_size)])
 
     # ----- the cross-modal stage (Section 2.4, eq 18) ------------------------------------------
     def _build_crossmodal(self) -> None:
@@ -609,6 +657,23 @@ class Trainer:
             self.crossmodal(name, batch[name])
             if name in self.crossmodal.classifiers:
                 self.crossmodal.classifiers[name](batch[name])
+            for dst in self.model.curve_names:
+                self.crossmodal.log_amplitude(name, dst, batch[name])
+
+    def _amplitude_terms(self, batch, log_gamma) -> dict:
+        """Free expert amplitude: each amplitude head's loss against the curve's own profiled amplitude
+        under every cluster, weighted by the multimodal q(c | X) (elbo.amplitude_nll)."""
+        terms = {}
+        gamma = log_gamma.exp()
+        for src in self.spec.names:
+            for dst in self.model.curve_names:
+                out = self.crossmodal.log_amplitude(src, dst, batch[src])
+                if out is None:
+                    continue
+                with torch.no_grad():
+                    log_a = self.model.amplitudes(dst, batch[dst]).clamp_min(1e-6).log()
+                terms[f"amplitude_{amplitude_key(src, dst)}"] = amplitude_nll(gamma, log_a, *out)
+        return terms
 
     def fit_crossmodal(self) -> None:
         x = self.cfg.crossmodal
@@ -627,6 +692,7 @@ class Trainer:
             partial = self._resume_partial()
             keys = [f"{term}_{n}" for term in ("kl", "distill") for n in self.spec.names
                     if term == "kl" or n in self.crossmodal.classifiers]
+            keys += [f"amplitude_{k}" for k in self.crossmodal.amplitude_heads]
             sums = np.array([partial.get(k, 0.0) for k in keys])
             for step in range(self.state["step"], len(batches)):
                 batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
@@ -640,11 +706,12 @@ class Trainer:
                 terms = {f"kl_{n}": crossmodal_kl(mu, logvar, *self.xm_net(n, batch[n])) for n in self.spec.names}
                 terms.update({f"distill_{n}": cluster_distillation(log_gamma, head(batch[n]))
                               for n, head in self.crossmodal.classifiers.items()})
+                terms.update(self._amplitude_terms(batch, log_gamma))
                 loss = sum(t.sum() for t in terms.values()) * (self.ctx.world_size / float(counts[step]))
                 self.xm_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # clipped apart, so that a big eq-18 step does not shrink the cluster heads' steps
-                for part in (self.crossmodal.encoders, self.crossmodal.classifiers):
+                for part in (self.crossmodal.encoders, self.crossmodal.classifiers, self.crossmodal.amplitude_heads):
                     self._clip(part)
                 self.xm_optimizer.step()
                 self.state["step"] = step + 1

@@ -37,7 +37,11 @@ def synthetic_data() -> dict[str, np.ndarray]:
     e, eps_y, h = HARDENING_TRUE[label].T
     hardening = (e[:, None] * np.minimum(T, eps_y[:, None]) + h[:, None] * np.maximum(T - eps_y[:, None], 0.0)
                  + 0.1 * rng.standard_normal((N, POINTS)))
-    return {"gamma": gamma, "mu": mu, "var": var, "affine": affine, "strain_hardening": hardening}
+    # a scale-free population: each curve of its cluster's shape times its own amplitude
+    amplitude = rng.uniform(0.3, 2.0, size=N)[:, None]
+    scaled = amplitude * (hardening - 0.1 * rng.standard_normal((N, POINTS))) + 0.1 * rng.standard_normal((N, POINTS))
+    return {"gamma": gamma, "mu": mu, "var": var, "affine": affine, "strain_hardening": hardening,
+            "strain_hardening_free": scaled}
 
 
 def closed_form(collective, rank: int = 0, world_size: int = 1) -> dict[str, np.ndarray]:
@@ -53,22 +57,26 @@ def closed_form(collective, rank: int = 0, world_size: int = 1) -> dict[str, np.
     latent = StreamingStatistics({"n0": (C,), "n1": (C, LATENT), "n2": (C, LATENT), "count": ()})
     curves = {name: StreamingStatistics({"s0": (C,), "s1": (C, POINTS), "s2": (C,)})
               for name in ("affine", "strain_hardening")}
+    curves["strain_hardening_free"] = StreamingStatistics({"s0": (C,), "s1": (C, POINTS), "s2": (C,),
+                                                          "m2": (C, POINTS, POINTS)})
     for a in range(start, stop, BATCH):
         b = min(a + BATCH, stop)
         g = data["gamma"][a:b]
         latent.add(**latent_statistics(g, data["mu"][a:b], data["var"][a:b]))
         for name, st in curves.items():
-            st.add(**curve_statistics(g, data[name][a:b]))
-    reduce_all(collective, [latent, curves["affine"], curves["strain_hardening"]])  # one collective call
+            st.add(**curve_statistics(g, data[name][a:b], second_moment="m2" in st.values))
+    reduce_all(collective, [latent, *curves.values()])  # one collective call
 
     out = {"n0": latent["n0"], "n1": latent["n1"], "n2": latent["n2"], "count": latent["count"]}
     out["means"] = m_step_means(latent["n0"], latent["n1"], np.zeros((C, LATENT)))
     out["variances"] = m_step_variances(latent["n0"], latent["n1"], latent["n2"], np.ones((C, LATENT)))
     out["weights"] = m_step_weights(latent["n0"])
     for name, st in curves.items():
-        expert = build_expert(name, T)
+        free = name.endswith("_free")
+        expert = build_expert(name.removesuffix("_free"), T, "free" if free else "fixed")
         out[f"s0_{name}"], out[f"s1_{name}"] = st["s0"], st["s1"]
-        out[f"theta_{name}"] = expert.solve(st["s0"], st["s1"], np.zeros((C, expert.n_params)), ridge=0.0)
+        out[f"theta_{name}"] = expert.solve(st["s0"], st["s1"], np.zeros((C, expert.n_params)), ridge=0.0,
+                                            m2=st["m2"] if free else None)
     return out
 
 
