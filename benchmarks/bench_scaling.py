@@ -90,12 +90,12 @@ def worker(args) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         cfg = _config(args, os.environ.get("BENCH_RUN_DIR", tmp), args.batch_per_rank, args.threads)
-        ctx, wrap, shutdown = make_context(cfg)
+        ctx = make_context(cfg)
         timer = TimingCollective(ctx.collective)
         ctx.collective = timer
         trainer = None
         try:
-            trainer = Trainer(cfg, ctx, wrap_ddp=wrap)
+            trainer = Trainer(cfg, ctx)
             tic = time.perf_counter()
             trainer.initialise()
             init_s = time.perf_counter() - tic
@@ -127,7 +127,7 @@ def worker(args) -> None:
             if trainer is not None:
                 trainer.close()
             trainer = None
-            shutdown(ctx)
+            ctx.close()
 
 
 def _gather(ctx, timer, result) -> list:

@@ -17,31 +17,16 @@ import logging
 import sys
 from pathlib import Path
 
+from pima_hpc.data.cli import add_data_commands
+from pima_hpc.errors import UserError
+from pima_hpc.tune import add_tune_command
+
 log = logging.getLogger("pima")
 
 
 def _setup_logging(rank: int = 0) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-
-
-def _user_errors():
-    """Exception types whose message is meant for the user (one line, exit 2)."""
-    from pima_hpc.config import ConfigError
-    from pima_hpc.train.checkpoint import CheckpointError
-    from pima_hpc.train.trainer import NonFiniteError, ResumeError
-    errors = [ConfigError, CheckpointError, ResumeError, NonFiniteError, FileNotFoundError]
-    try:
-        from pima_hpc.data import DataError
-        errors.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from pima_hpc.distributed import DistributedSetupError
-        errors.append(DistributedSetupError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def cmd_train(args) -> int:
@@ -99,16 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_show)
 
-    try:
-        from pima_hpc.data.cli import add_data_commands
-        add_data_commands(sub)
-    except ImportError:
-        pass
-    try:
-        from pima_hpc.tune import add_tune_command
-        add_tune_command(sub)
-    except ImportError:
-        pass
+    add_data_commands(sub)
+    add_tune_command(sub)  # Ray itself is imported only when a sweep runs
     return parser
 
 
@@ -131,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
+    except (UserError, FileNotFoundError) as exc:
         if args.debug:
             raise
         print(f"pima: error: {exc}", file=sys.stderr)

@@ -17,9 +17,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem: one line naming the key and the fix."""
+from pima_hpc.errors import ConfigError
 
 
 def _check(cond: bool, key: str, msg: str):

@@ -489,7 +489,7 @@ def trial_overrides(plan: TrialPlan, sampled: dict, run_dir: Path) -> list[str]:
     return ov
 
 
-def _train(cfg: Config, ctx, wrap, send) -> None:
+def _train(cfg: Config, ctx, send) -> None:
     """One training run whose multimodal-stage epochs are sent to Ray (Tune or Train)."""
     from pima_hpc.train.trainer import Trainer
 
@@ -501,7 +501,7 @@ def _train(cfg: Config, ctx, wrap, send) -> None:
             send({**{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                   "epoch": epoch, "world_size": ctx.world_size})
 
-    trainer = Trainer(cfg, ctx, wrap_ddp=wrap, report=report)
+    trainer = Trainer(cfg, ctx, report=report)
     try:
         trainer.run()
         # A resumed trial whose run had already finished its epochs (the sweep stopped between the
@@ -520,8 +520,8 @@ def _ddp_worker(loop_config: dict) -> None:
     import torch.distributed as dist
     from ray.util import get_current_placement_group
 
-    from pima_hpc.distributed import DistContext, TorchCollective
-    from pima_hpc.distributed.ddp import wrap_ddp
+    from pima_hpc.distributed import TorchCollective
+    from pima_hpc.runtime import Context
 
     cfg: Config = loop_config["cfg"]
     rc = ray.train.get_context()
@@ -533,14 +533,14 @@ def _ddp_worker(loop_config: dict) -> None:
     backend = dist.get_backend()
     # The float64 EM statistics need a group that reduces CPU tensors (NCCL does not).
     stats_group = None if backend == "gloo" else dist.new_group(backend="gloo")
-    ctx = DistContext(rank=rc.get_world_rank(), local_rank=rc.get_local_rank(), world_size=rc.get_world_size(),
-                      device=device, launcher="ray", collective=TorchCollective(stats_group),
-                      is_distributed=True, backend=backend, stats_group=stats_group)
+    ctx = Context(rank=rc.get_world_rank(), local_rank=rc.get_local_rank(), world_size=rc.get_world_size(),
+                  device=device, launcher="ray", collective=TorchCollective(stats_group),
+                  is_distributed=True, backend=backend, stats_group=stats_group)
     pg = get_current_placement_group()
     if ctx.rank == 0 and pg is not None:
         (Path(loop_config["trial_dir"]) / PG_FILE).write_text(pg.id.hex())
     # Every rank reports: ray.train.report is a barrier, and Ray Train keeps rank 0's metrics.
-    _train(cfg, ctx, lambda m: wrap_ddp(m, ctx), ray.train.report)
+    _train(cfg, ctx, ray.train.report)
 
 
 def run_trial(config: dict, plan: TrialPlan) -> None:
@@ -554,9 +554,9 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(plan.base_config, trial_overrides(plan, config, trial_dir / "run"))
     if plan.workers_per_trial == 1:
-        from pima_hpc.train.trainer import LocalContext
+        from pima_hpc.runtime import Context
 
-        _train(cfg, LocalContext(device=torch.device(cfg.device)), None, tune.report)
+        _train(cfg, Context(device=torch.device(cfg.device)), tune.report)
         return
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

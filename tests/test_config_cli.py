@@ -59,3 +59,19 @@ def test_overrides_may_follow_options():
         with pytest.raises(SystemExit) as exit_info:
             parse(argv)
         assert exit_info.value.code == 2
+
+
+def test_every_user_error_has_one_base_that_the_cli_turns_into_one_line(tmp_path, capsys):
+    from pima_hpc import errors
+    from pima_hpc.cli import main
+    from pima_hpc.tune import TuneError
+    for name in ("ConfigError", "DataError", "CheckpointError", "ResumeError", "NonFiniteError",
+                 "DistributedSetupError"):
+        assert issubclass(getattr(errors, name), errors.UserError), name
+    assert issubclass(TuneError, errors.UserError)
+    # a data error and a config error, each through the one catch in pima_hpc.cli
+    assert main(["data", "info", str(tmp_path / "missing.h5")]) == 2
+    assert main(["train", "model.n_clusters=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("pima: error: ") for line in err), err
+    assert "model.n_clusters" in err[1]

@@ -12,10 +12,7 @@ from pima_hpc.data import describe, open_split
 
 
 def pima(argv):
-    try:
-        from pima_hpc.cli import main
-    except ImportError:  # the data commands also run on their own
-        from pima_hpc.data.cli import main
+    from pima_hpc.cli import main
     return main(argv)
 
 

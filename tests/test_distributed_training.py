@@ -270,9 +270,10 @@ def test_cli_under_mpiexec(tmp_path):
 def test_sync_batchnorm_on_cpu_is_a_config_error(tmp_path):
     """torch's SyncBatchNorm raises on CPU tensors only at the first step; refuse it up front instead."""
     from pima_hpc.config import ConfigError, load_config
-    from pima_hpc.train.trainer import LocalContext, Trainer
+    from pima_hpc.runtime import Context
+    from pima_hpc.train.trainer import Trainer
 
     cfg = load_config("configs/digits.yaml", [f"run_dir={tmp_path}", "train.sync_batchnorm=true"])
     Trainer(cfg)  # one process: nothing to synchronise, accepted
     with pytest.raises(ConfigError, match="train.sync_batchnorm.*CUDA"):
-        Trainer(cfg, LocalContext(world_size=2))
+        Trainer(cfg, Context(world_size=2))

@@ -202,3 +202,19 @@ def test_a_free_amplitude_needs_a_shape():
         load_config(None, ["model.expert=affine", "model.expert_amplitude=free"])
     with pytest.raises(ValueError, match="needs the second-moment statistic"):
         build_expert("strain_hardening", T, "free").solve(np.ones(1), np.ones((1, len(T))), np.zeros((1, 3)))
+
+
+def test_amplitude_regression_from_streamed_sums_equals_lstsq():
+    from scipy.linalg import lstsq
+
+    from pima_hpc.model.statistics import StreamingStatistics, regression_statistics, solve_regression
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.normal(size=(300, 4)), np.ones((300, 1))], 1)
+    y = x @ rng.normal(size=(5, 3)) + 0.2 * rng.normal(size=(300, 3))
+    st = StreamingStatistics({"xtx": (5, 5), "xty": (5, 3), "yty": (3,), "n": ()})
+    for a in range(0, 300, 41):
+        st.add(**regression_statistics(x[a:a + 41], y[a:a + 41]))
+    coef, var = solve_regression(st["xtx"], st["xty"], st["yty"], float(st["n"]), ridge=0.0)
+    ref = lstsq(x, y)[0]
+    np.testing.assert_allclose(coef, ref, rtol=1e-10)
+    np.testing.assert_allclose(var, ((y - x @ ref) ** 2).mean(0), rtol=1e-9)

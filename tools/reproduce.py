@@ -243,7 +243,7 @@ def lattice(args, lines: list[str]) -> None:
             path = ensure_lattice_seed(population, data_seed, args.specimens)
             base = kmeans_baselines(path)
             for seed in range(args.seeds):
-                run_dir = ROOT / "runs" / "reproduce" / f"lattice_{population}_data{data_seed}_seed{seed}"
+                run_dir = ROOT / "runs" / "reproduce" / f"lattice_{population}_n{args.specimens}_data{data_seed}_seed{seed}"
                 overrides = [f"data.path={path}", f"seed={seed}", f"run_dir={run_dir}", "train.progress=false",
                              *args.overrides]
                 metrics, trainer, wall = run("configs/lattice.yaml", overrides)

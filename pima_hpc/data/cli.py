@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 
-from pima_hpc.data.errors import DataError
 
 
 def _common(p: argparse.ArgumentParser, shard_default=None):
@@ -183,14 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "data":  # `python -m pima_hpc.data.cli lattice ...` means `pima data lattice ...`
         argv = ["data", *argv]
-    parser = argparse.ArgumentParser(prog="pima")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DataError as exc:
-        print(f"pima: error: {exc}", file=sys.stderr)
-        return 2
+    from pima_hpc.cli import main as pima_main  # the one place that turns user errors into exit 2
+    return pima_main(argv)
 
 
 if __name__ == "__main__":

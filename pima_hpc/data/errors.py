@@ -7,6 +7,6 @@ invariants use ``assert`` instead, because they are bugs, not user errors.
 
 from __future__ import annotations
 
+from pima_hpc.errors import DataError
 
-class DataError(ValueError):
-    """A user-facing data problem: one line naming the file, the dataset and the fix."""
+__all__ = ["DataError"]

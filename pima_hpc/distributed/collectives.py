@@ -38,10 +38,7 @@ import torch
 import torch.distributed as dist
 
 from pima_hpc.collective import Collective
-
-
-class DistributedSetupError(RuntimeError):
-    """A launch or configuration problem the user can fix; the message names the fix."""
+from pima_hpc.errors import DistributedSetupError
 
 
 def _shape_signature(shapes: Sequence[tuple[int, ...]]) -> float:

@@ -23,7 +23,6 @@ See docs/distributed.md, "Launchers and collectives".
 
 from __future__ import annotations
 
-import gc
 import inspect
 import logging
 import os
@@ -32,7 +31,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Mapping, Optional
 
@@ -42,6 +41,7 @@ import torch.distributed as dist
 from pima_hpc.collective import Collective
 from pima_hpc.distributed.collectives import (DistributedSetupError, MPICollective, TorchCollective,
                                               import_mpi, mpi4py_available)
+from pima_hpc.runtime import Context
 
 log = logging.getLogger("pima_hpc.distributed")
 
@@ -364,27 +364,6 @@ def detect_launcher(env: Optional[Mapping[str, str]] = None, *, use_scontrol: bo
 # Setup and teardown
 
 
-@dataclass
-class DistContext:
-    """Everything the trainer needs to know about distribution (same fields as its LocalContext)."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    launcher: str
-    collective: Collective
-    is_distributed: bool
-    launch: LaunchInfo = field(repr=False, default=None)
-    backend: Optional[str] = None
-    # The gloo group for CPU float64 statistics: None means the default group (backend gloo).
-    stats_group: Any = field(repr=False, default=None)
-
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
-
-
 def configure_logging(rank: int) -> None:
     """INFO on rank 0 and WARNING elsewhere, so N ranks do not print N copies of every line.
 
@@ -481,7 +460,7 @@ def _tcp_url(addr: str, port: int) -> str:
 
 def setup_distributed(backend: str = "auto", collective: str = "auto", timeout_s: float = 300,
                       device: str = "auto", *, exact: bool = True,
-                      env: Optional[Mapping[str, str]] = None) -> DistContext:
+                      env: Optional[Mapping[str, str]] = None) -> Context:
     """Join the other workers: process group, device and collective for this launch.
 
     backend: "auto" (NCCL on a CUDA device, gloo on CPU), "gloo" or "nccl". With NCCL an extra
@@ -513,7 +492,7 @@ def setup_distributed(backend: str = "auto", collective: str = "auto", timeout_s
         coll = (MPICollective(expected_world_size=1, expected_rank=0, launcher=info.launcher, exact=exact)
                 if collective == "mpi" else Collective())
         log.info("single process (launcher %s) on %s", info.launcher, dev)
-        return DistContext(rank=0, local_rank=info.local_rank, world_size=1, device=dev, launcher=info.launcher,
+        return Context(rank=0, local_rank=info.local_rank, world_size=1, device=dev, launcher=info.launcher,
                            collective=coll, is_distributed=False, launch=info)
 
     if dist.is_initialized():
@@ -553,29 +532,11 @@ def setup_distributed(backend: str = "auto", collective: str = "auto", timeout_s
     log.info("distributed: launcher=%s world=%d backend=%s collective=%r device=%s master=%s",
              info.launcher + (f"/{info.mpi}" if info.mpi else ""), info.world_size, backend, coll, dev,
              kwargs["init_method"])
-    return DistContext(rank=info.rank, local_rank=info.local_rank, world_size=info.world_size, device=dev,
+    return Context(rank=info.rank, local_rank=info.local_rank, world_size=info.world_size, device=dev,
                        launcher=info.launcher, collective=coll, is_distributed=True, launch=info,
                        backend=backend, stats_group=stats_group)
 
 
-def shutdown(ctx: DistContext, wait: Optional[bool] = None) -> None:
-    """Leave the process group in the order that avoids gloo's rare abort at exit.
-
-    Drop references to the model/optimizer (DDP holds communication hooks) before calling.
-    gc.collect() frees them, the barrier keeps a fast rank from tearing down while a peer still
-    talks to it, then the group is destroyed. MPI_Finalize is left to mpi4py's exit handler.
-
-    ``wait`` decides the collective steps (the barrier, freeing the MPI communicator). The
-    default waits unless an exception is propagating, as when called from ``finally`` on a
-    failing rank: its peers are then stuck in some other collective, and a barrier would only
-    hold this rank (and its error message) back until ``timeout_s``.
-    """
-    if wait is None:
-        wait = sys.exc_info()[0] is None
-    gc.collect()
-    if dist.is_initialized():
-        if wait:
-            dist.barrier(group=ctx.stats_group)
-        dist.destroy_process_group()
-    if wait:
-        ctx.collective.close()
+def shutdown(ctx: Context, wait: Optional[bool] = None) -> None:
+    """``ctx.close(wait)``: leave the process group cleanly (:meth:`pima_hpc.runtime.Context.close`)."""
+    ctx.close(wait)

@@ -147,17 +147,6 @@ def lognormal_moments(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.T
     return torch.exp(mean + 0.5 * var), torch.exp(2.0 * mean + 2.0 * var)
 
 
-def amplitude_nll(gamma: torch.Tensor, log_a: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """sum_c gamma_c (-log N(log a_c; mean_c, exp(logvar_c))): the amplitude head's loss, (B,).
-
-    Not in the paper (docs/method.md): with a free amplitude, a curve predicted from another
-    modality needs the amplitude too; the head learns log a given each cluster, weighted by the
-    multimodal model's q(c | X).
-    """
-    nll = 0.5 * (LOG_2PI + logvar + (log_a - mean) ** 2 * torch.exp(-logvar))
-    return (gamma * nll).sum(-1)
-
-
 def crossmodal_kl(mu: torch.Tensor, logvar: torch.Tensor, mu_uni: torch.Tensor, logvar_uni: torch.Tensor):
     """KL(q(z|X_1..X_D) || q~(z|X_i)) summed over latent components (eq 18, ERRATA 5): (B,).
 

@@ -100,18 +100,6 @@ class ClusterClassifier(ConvFeatures):
         return torch.log_softmax(self.head(super().forward(x)), dim=-1)
 
 
-class AmplitudeHead(ConvFeatures):
-    """Mean and log-variance of log a given each cluster, from one modality (free expert amplitude)."""
-
-    def __init__(self, spec: ModalitySpec, channels: list[int], n_clusters: int):
-        super().__init__(spec, channels)
-        self.head = nn.Linear(self.size, 2 * n_clusters)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.head(super().forward(x)).chunk(2, dim=-1)
-        return mean, logvar.clamp(-12.0, 2.0)  # sd of log a <= 2.7: a band, not a blow-up
-
-
 def build_encoder(spec: ModalitySpec, image_channels: list[int], curve_channels: list[int],
                   latent_dim: int) -> Encoder:
     return Encoder(spec, image_channels if spec.kind == IMAGE else curve_channels, latent_dim)
@@ -121,7 +109,3 @@ def build_classifier(spec: ModalitySpec, image_channels: list[int], curve_channe
                      n_clusters: int) -> ClusterClassifier:
     return ClusterClassifier(spec, image_channels if spec.kind == IMAGE else curve_channels, n_clusters)
 
-
-def build_amplitude_head(spec: ModalitySpec, image_channels: list[int], curve_channels: list[int],
-                         n_clusters: int) -> AmplitudeHead:
-    return AmplitudeHead(spec, image_channels if spec.kind == IMAGE else curve_channels, n_clusters)

@@ -17,7 +17,7 @@ from pima_hpc.config import ModelConfig
 from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
 from pima_hpc.model import elbo
 from pima_hpc.model.experts import build_expert
-from pima_hpc.model.networks import ImageDecoder, build_amplitude_head, build_classifier, build_encoder
+from pima_hpc.model.networks import ImageDecoder, build_classifier, build_encoder
 
 
 def spread_points(n: int, dim: int, radius: float) -> torch.Tensor:
@@ -229,7 +229,7 @@ def elbo_from_terms(terms: dict[str, torch.Tensor], recon_w=1.0, expert_w=1.0, p
 class CrossModalEncoders(nn.Module):
     """Unimodal inference (Section 2.4): per modality, q~(z | X_i) with the architecture of q(z | X_i),
     trained by eq 18, optionally a cluster head p~(c | X_i), and, with a free expert amplitude, an
-    amplitude head per (source modality, curve modality) pair (docs/method.md)."""
+    amplitude regression per (source modality, curve modality) pair (docs/method.md)."""
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, cluster_head: bool = False):
         super().__init__()
@@ -239,15 +239,32 @@ class CrossModalEncoders(nn.Module):
                                                                    cfg.n_clusters) for m in spec.modalities}
                                          if cluster_head else {})
         curves = [m.name for m in spec.modalities if m.kind == CURVE]
-        self.amplitude_heads = nn.ModuleDict(
-            {amplitude_key(m.name, dst): build_amplitude_head(m, cfg.image_channels, cfg.curve_channels, cfg.n_clusters)
-             for m in spec.modalities for dst in curves if m.name != dst}
-            if cfg.expert_amplitude == "free" else {})
+        # log a_c ~ [mu~_src, 1] W_c + N(0, s_c^2): set in closed form (pima_hpc.train.amplitude)
+        self.amplitude_keys = ([amplitude_key(m.name, dst) for m in spec.modalities for dst in curves if m.name != dst]
+                               if cfg.expert_amplitude == "free" else [])
+        for key in self.amplitude_keys:
+            self.register_buffer(f"amplitude_coef_{key}", torch.zeros(cfg.latent_dim + 1, cfg.n_clusters,
+                                                                      dtype=torch.float64))
+            self.register_buffer(f"amplitude_logvar_{key}", torch.zeros(cfg.n_clusters, dtype=torch.float64))
+
+    def amplitude_features(self, src: str, x: torch.Tensor) -> torch.Tensor:
+        """[mu~_src, 1]: the regressors of the amplitude model, (B, l + 1)."""
+        mu, _ = self.encoders[src](x)
+        return torch.cat([mu, torch.ones_like(mu[:, :1])], dim=1)
+
+    def set_amplitude_model(self, src: str, dst: str, coef, logvar) -> None:
+        getattr(self, f"amplitude_coef_{amplitude_key(src, dst)}").copy_(torch.as_tensor(coef))
+        getattr(self, f"amplitude_logvar_{amplitude_key(src, dst)}").copy_(torch.as_tensor(logvar))
 
     def log_amplitude(self, src: str, dst: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mean, log-variance) of log a of curve ``dst`` given each cluster, from modality ``src``: (B, C) each."""
         key = amplitude_key(src, dst)
-        return self.amplitude_heads[key](x) if key in self.amplitude_heads else None
+        if key not in self.amplitude_keys:
+            return None
+        coef = getattr(self, f"amplitude_coef_{key}")
+        feats = self.amplitude_features(src, x)
+        mean = (feats.to(coef.dtype) @ coef).to(feats.dtype)
+        return mean, getattr(self, f"amplitude_logvar_{key}").to(feats.dtype).expand_as(mean)
 
     @torch.no_grad()
     def predict_curve(self, model: PIMA, src: str, dst: str, x: torch.Tensor, physical: bool = True):

@@ -130,3 +130,22 @@ def profiled_noise_variance(s0: np.ndarray, m2: np.ndarray, shapes: np.ndarray, 
     sse = np.trace(m2, axis1=1, axis2=2) - quad
     out[has] = np.maximum(sse[has] / (s0[has] * shapes.shape[1]), floor_var)
     return out
+
+
+def regression_statistics(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Sums of one batch for a least-squares regression of y (B, K) on x (B, p): X^T X, X^T Y, sum y^2, n."""
+    return {"xtx": x.T @ x, "xty": x.T @ y, "yty": (y ** 2).sum(0), "n": np.array(float(len(x)))}
+
+
+def solve_regression(xtx: np.ndarray, xty: np.ndarray, yty: np.ndarray, n: float, ridge: float = 1e-8,
+                     min_var: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares of every target column from the summed statistics -> (coef (p, K), residual variance (K,)).
+
+    ``ridge`` (relative to the mean diagonal of X^T X) keeps a constant feature solvable; the residual
+    variance sum (y - x w)^2 / n = (sum y^2 - 2 w . X^T y + w^T X^T X w) / n is floored at ``min_var``.
+    """
+    p = len(xtx)
+    a = xtx + ridge * max(np.trace(xtx) / p, 1e-300) * np.eye(p)
+    coef = np.linalg.solve(a, xty)
+    sse = yty - 2.0 * (coef * xty).sum(0) + np.einsum("ik,ij,jk->k", coef, xtx, coef)
+    return coef, np.maximum(sse / max(float(n), 1.0), min_var)

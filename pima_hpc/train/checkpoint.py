@@ -18,18 +18,12 @@ from pathlib import Path
 
 import torch
 
+from pima_hpc.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
 STAGE_ORDER = {"multimodal": 0, "crossmodal": 1, "done": 2}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the fix (``reason``: what is wrong)."""
-
-    def __init__(self, message: str, reason: str = ""):
-        super().__init__(message)
-        self.reason = reason or message
 
 
 def atomic_write_bytes(path: Path, write) -> None:

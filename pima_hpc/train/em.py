@@ -156,7 +156,7 @@ def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, de
     and their noise are solved exactly on those hard assignments (eq 17 with one-hot gamma).
     """
     names = model.curve_names
-    fits, local_x = [], []
+    fits = []
     for batch in reader.iter_batches(batch_size, shuffle=False):
         fits.append(np.concatenate([model.experts[n].cluster_features(model.experts[n].fit_samples(
             model.spec[n].to_physical(batch[n].double().numpy()))) for n in names], axis=1))

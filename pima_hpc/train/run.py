@@ -13,24 +13,18 @@ from pathlib import Path
 import torch
 
 from pima_hpc.config import Config, load_config
+from pima_hpc.runtime import Context
 
 log = logging.getLogger("pima")
 
 
-def make_context(cfg: Config):
-    """The distributed context from the launcher's environment (one process when not launched)."""
-    try:
-        from pima_hpc.distributed import setup_distributed
-    except ImportError:
-        from pima_hpc.train.trainer import LocalContext
-        return LocalContext(), None, lambda ctx: None
-    from pima_hpc.distributed import shutdown
-    from pima_hpc.distributed.ddp import wrap_ddp
+def make_context(cfg: Config) -> Context:
+    """The run context from the launcher's environment (one process when not launched); close it at the end."""
+    from pima_hpc.distributed import setup_distributed
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         _stop_with_parent()
-    ctx = setup_distributed(backend=cfg.dist.backend, collective=cfg.dist.collective,
-                            timeout_s=cfg.dist.timeout_s, device=cfg.device)
-    return ctx, (lambda m: wrap_ddp(m, ctx)), shutdown
+    return setup_distributed(backend=cfg.dist.backend, collective=cfg.dist.collective,
+                             timeout_s=cfg.dist.timeout_s, device=cfg.device)
 
 
 def _stop_with_parent() -> None:
@@ -52,10 +46,10 @@ def train_from_config(cfg: Config, report=None) -> int:
     """Train the configured stages; returns the process exit code (75 = checkpointed on a signal)."""
     from pima_hpc.train.trainer import EXIT_REQUEUE, StopRequested, Trainer, summary_line
 
-    ctx, wrap, shutdown = make_context(cfg)
+    ctx = make_context(cfg)
     trainer = None
     try:
-        trainer = Trainer(cfg, ctx, wrap_ddp=wrap, report=report)
+        trainer = Trainer(cfg, ctx, report=report)
         metrics = trainer.run()
         if ctx.rank == 0:
             print(f"run directory: {cfg.run_dir}")
@@ -68,10 +62,10 @@ def train_from_config(cfg: Config, report=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        # Drop the last reference to the networks too, so shutdown's gc.collect() frees DDP's
+        # Drop the last reference to the networks too, so close()'s gc.collect() frees DDP's
         # communication hooks before its barrier and destroy_process_group().
         trainer = None
-        shutdown(ctx)
+        ctx.close()
 
 
 def evaluate_run(run_dir: str, overrides: list[str] | None = None) -> dict:

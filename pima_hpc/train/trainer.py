@@ -22,57 +22,30 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pima_hpc.collective import Collective
 from pima_hpc.config import Config, ConfigError, config_hash, save_config, to_dict
 from pima_hpc.data.loading import has_split, open_run_split
+from pima_hpc.errors import NonFiniteError, ResumeError
+from pima_hpc.runtime import Context
 from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label, table_metrics
-from pima_hpc.model.elbo import amplitude_nll, cluster_distillation, crossmodal_kl
-from pima_hpc.model.pima import PIMA, CrossModalEncoders, amplitude_key, elbo_from_terms
+from pima_hpc.model.elbo import cluster_distillation, crossmodal_kl
+from pima_hpc.model.pima import PIMA, CrossModalEncoders, elbo_from_terms
 from pima_hpc.train import em
+from pima_hpc.train.amplitude import fit_amplitude_models
 from pima_hpc.train.batchnorm import precise_batchnorm
-from pima_hpc.train.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
+from pima_hpc.train.checkpoint import CheckpointManager, atomic_write_text
 
 log = logging.getLogger("pima")
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; Slurm scripts requeue on it
 
 
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN/Inf; the last good checkpoint is kept."""
-
-
-class ResumeError(RuntimeError):
-    """A run directory whose checkpoint cannot continue this config."""
-
-
 class StopRequested(Exception):
     """Raised after a signal-triggered checkpoint, so the CLI exits with EXIT_REQUEUE."""
-
-
-@dataclass
-class LocalContext:
-    """The single-process context (the distributed package supplies the multi-rank one)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    collective: Collective = None
-    is_distributed: bool = False
-
-    def __post_init__(self):
-        if self.collective is None:
-            self.collective = Collective()
-
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
 
 
 class SignalFlag:
@@ -162,16 +135,16 @@ def _injected_nan_step() -> int | None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ctx=None, wrap_ddp=None, report=None):
-        """``wrap_ddp(module) -> module`` is applied to trainable networks when distributed;
-        ``report(stage, epoch, metrics)`` is called on every rank after each epoch (Ray Tune hooks in here).
+    def __init__(self, cfg: Config, ctx: Context | None = None, report=None):
+        """``ctx`` is the run context (one process by default; it wraps the networks in DDP when
+        distributed); ``report(stage, epoch, metrics)`` is called on every rank after each epoch
+        (Ray Tune hooks in here).
         """
         self.cfg = cfg
-        self.ctx = ctx or LocalContext()
+        self.ctx = ctx or Context()
         self.collective = self.ctx.collective
         self.device = self.ctx.device
         self.report = report
-        self.wrap_ddp = wrap_ddp if (wrap_ddp is not None and self.ctx.world_size > 1) else (lambda m: m)
         self.run_dir = Path(cfg.run_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -197,7 +170,7 @@ class Trainer:
         # Closed-form EM replaces Adam for whatever it sets (otherwise the two would fight).
         self.model.cluster_logvars.requires_grad_(not cfg.train.em_variances)
         self.model.pi_logits.requires_grad_(not cfg.train.em_weights)
-        self.net = self.wrap_ddp(self.model)
+        self.net = self.ctx.wrap_ddp(self.model)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
                                           lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.crossmodal = None
@@ -638,7 +611,7 @@ class Trainer:
         self.crossmodal = CrossModalEncoders(self.spec, self.cfg.model, self.cfg.crossmodal.cluster_head).to(self.device)
         if self.cfg.train.sync_batchnorm and self.ctx.world_size > 1:  # CUDA only, checked in __init__
             self.crossmodal = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.crossmodal)
-        self.xm_net = self.wrap_ddp(self.crossmodal)
+        self.xm_net = self.ctx.wrap_ddp(self.crossmodal)
         self.xm_optimizer = torch.optim.Adam(self.crossmodal.parameters(), lr=self.cfg.crossmodal.lr)
 
     @torch.no_grad()
@@ -657,23 +630,6 @@ class Trainer:
             self.crossmodal(name, batch[name])
             if name in self.crossmodal.classifiers:
                 self.crossmodal.classifiers[name](batch[name])
-            for dst in self.model.curve_names:
-                self.crossmodal.log_amplitude(name, dst, batch[name])
-
-    def _amplitude_terms(self, batch, log_gamma) -> dict:
-        """Free expert amplitude: each amplitude head's loss against the curve's own profiled amplitude
-        under every cluster, weighted by the multimodal q(c | X) (elbo.amplitude_nll)."""
-        terms = {}
-        gamma = log_gamma.exp()
-        for src in self.spec.names:
-            for dst in self.model.curve_names:
-                out = self.crossmodal.log_amplitude(src, dst, batch[src])
-                if out is None:
-                    continue
-                with torch.no_grad():
-                    log_a = self.model.amplitudes(dst, batch[dst]).clamp_min(1e-6).log()
-                terms[f"amplitude_{amplitude_key(src, dst)}"] = amplitude_nll(gamma, log_a, *out)
-        return terms
 
     def fit_crossmodal(self) -> None:
         x = self.cfg.crossmodal
@@ -692,7 +648,6 @@ class Trainer:
             partial = self._resume_partial()
             keys = [f"{term}_{n}" for term in ("kl", "distill") for n in self.spec.names
                     if term == "kl" or n in self.crossmodal.classifiers]
-            keys += [f"amplitude_{k}" for k in self.crossmodal.amplitude_heads]
             sums = np.array([partial.get(k, 0.0) for k in keys])
             for step in range(self.state["step"], len(batches)):
                 batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
@@ -706,12 +661,11 @@ class Trainer:
                 terms = {f"kl_{n}": crossmodal_kl(mu, logvar, *self.xm_net(n, batch[n])) for n in self.spec.names}
                 terms.update({f"distill_{n}": cluster_distillation(log_gamma, head(batch[n]))
                               for n, head in self.crossmodal.classifiers.items()})
-                terms.update(self._amplitude_terms(batch, log_gamma))
                 loss = sum(t.sum() for t in terms.values()) * (self.ctx.world_size / float(counts[step]))
                 self.xm_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # clipped apart, so that a big eq-18 step does not shrink the cluster heads' steps
-                for part in (self.crossmodal.encoders, self.crossmodal.classifiers, self.crossmodal.amplitude_heads):
+                for part in (self.crossmodal.encoders, self.crossmodal.classifiers):
                     self._clip(part)
                 self.xm_optimizer.step()
                 self.state["step"] = step + 1
@@ -724,9 +678,12 @@ class Trainer:
                 bar.close()
             self._recompute_batchnorm(self.crossmodal, self._crossmodal_forward, x.precise_bn_batches,
                                       x.batch_size, epoch)
+            amplitude = fit_amplitude_models(self.model, self.crossmodal, self.train_data, x.batch_size * 4,
+                                             self.collective, self.device)
             self.state.pop("partial_sums", None)
             tot = self.collective.allreduce_sum([np.append(sums, len(self.train_data))])[0]
             metrics = {k: float(v / tot[-1]) for k, v in zip(keys, tot[:-1])}
+            metrics.update(amplitude)
             metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - tic)
             self.state["history"].append({"stage": "crossmodal", **metrics})
             self.state["epoch"], self.state["step"] = epoch + 1, 0

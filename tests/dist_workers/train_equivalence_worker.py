@@ -140,11 +140,11 @@ def config(run_dir: Path, batch_size: int, overrides: list[str]):
         "stages=[multimodal]", "figures=false", "train.progress=false", "device=cpu", *overrides])
 
 
-def train(cfg, ctx, wrap, bn: str, dtype: torch.dtype):
+def train(cfg, ctx, bn: str, dtype: torch.dtype):
     from pima_hpc.train import trainer as trainer_module
 
     torch.set_default_dtype(dtype)  # networks and closed-form buffers are created in this dtype
-    trainer = trainer_module.Trainer(cfg, ctx, wrap_ddp=wrap)
+    trainer = trainer_module.Trainer(cfg, ctx)
     try:
         if bn == "ghost":
             assert ctx.world_size == 1, "ghost BatchNorm emulates 2 ranks inside one process"
@@ -175,18 +175,18 @@ def main() -> int:
     trainer_module.open_run_split = _split_factory()
     base = config(out, args.batch_size, args.overrides)
     _patch_noise(base.model.latent_dim)
-    ctx, wrap, shutdown = run_module.make_context(base)
+    ctx = run_module.make_context(base)
     try:
         for bn in args.bn:
             for dtype in args.dtype:
                 tag = f"{args.tag}-{bn}-{dtype}"
                 cfg = config(out / f"run-{tag}", args.batch_size, args.overrides)
-                state, metrics = train(cfg, ctx, wrap, bn, getattr(torch, dtype))
+                state, metrics = train(cfg, ctx, bn, getattr(torch, dtype))
                 np.savez(out / f"{tag}-rank{ctx.rank}.npz", **state)
                 (out / f"{tag}-rank{ctx.rank}.json").write_text(json.dumps(
                     {"world_size": metrics["world_size"], "history": metrics["history"], "init": metrics["init"]}))
     finally:
-        shutdown(ctx)
+        ctx.close()
     return 0
 
 
