@@ -39,8 +39,8 @@ def one_seed(seed: int, args) -> dict:
     def report(stage, epoch, metrics):
         tic = time.perf_counter()
         trained_for = tic - start - scoring[0]  # wall time so far, minus earlier scoring
-        train = trainer.cluster_table(trainer.train_data, trainer.model.predict)
-        test = trainer.cluster_table(trainer.test_data, trainer.model.predict)
+        train = trainer.evaluator.cluster_table(trainer.train_data, trainer.model.predict)
+        test = trainer.evaluator.cluster_table(trainer.test_data, trainer.model.predict)
         acc = table_metrics(test, fit_cluster_to_label(train))["accuracy"]
         scoring[0] += time.perf_counter() - tic
         log.append({"epoch": epoch, "test_accuracy": acc, "train_seconds": trained_for,

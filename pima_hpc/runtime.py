@@ -19,6 +19,11 @@ import torch.distributed as dist
 from pima_hpc.collective import Collective
 
 
+def to_device(batch: dict, device) -> dict:
+    """A batch of tensors on this process's device."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @dataclass
 class Context:
     """This process among the workers: rank, world, device, collective; DDP wrapping and clean exit."""

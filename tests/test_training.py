@@ -61,8 +61,9 @@ def test_evaluation_is_deterministic(trained):
     assert torch.equal(a, b)
     # eval mode throughout: a sample's cross-modal prediction does not depend on its batch
     for name in trainer.spec.names:
-        whole = trainer.crossmodal_predict(batch, name)
-        alone = torch.cat([trainer.crossmodal_predict({name: batch[name][i:i + 1]}, name) for i in range(8)])
+        predict = trainer.evaluator.crossmodal_predict
+        whole = predict(batch, name)
+        alone = torch.cat([predict({name: batch[name][i:i + 1]}, name) for i in range(8)])
         assert torch.equal(whole[:8], alone)
 
 

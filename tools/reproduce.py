@@ -187,7 +187,7 @@ def specimen_hits(trainer: Trainer, metrics: dict) -> dict:
     so the independent unit is the specimen; it counts as correct when most of its views are."""
     from pima_hpc.data.hdf5 import read_truth
     specimen = read_truth(trainer.cfg.data.path, trainer.cfg.data.test_split)["specimen"]
-    preds = trainer.predictors()
+    preds = trainer.evaluator.predictors()
     out = {}
     for key in LATTICE_PATHS:
         if key not in preds or key not in metrics:
@@ -222,7 +222,7 @@ def lattice_extras(trainer: Trainer) -> dict:
     out = {"curve_rmse_from_image_MPa": (sq / n) ** 0.5, "band_2sd_coverage": inside / n,
            "curve_r2_from_image": 1.0 - sq / float(((ss - ss.mean(0)) ** 2).sum())}
     truth = read_truth(cfg.data.path, cfg.data.train_split)
-    table = trainer.cluster_table(trainer.train_data, model.predict)
+    table = trainer.evaluator.cluster_table(trainer.train_data, model.predict)
     mapping = fit_cluster_to_label(table)
     theta = model.theta("curve")
     out["experts"] = []

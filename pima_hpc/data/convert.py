@@ -337,10 +337,8 @@ def convert_files(out, images_dir, curves_file, *, t=None, labels_file=None, val
     prov = default_provenance("custom", "pima_hpc.data.convert.convert_files", images=str(images_dir),
                               curves=str(curves_file), labels=None if labels_file is None else str(labels_file),
                               seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(files), unit="sample", desc="convert", dynamic_ncols=True)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(files), unit="sample", desc="convert", dynamic_ncols=True, disable=not progress)
     truth = [TruthField("source_index", "int64", "", "position of the image file in sorted name order")]
     with DatasetWriter(out, modalities, {s: len(ix) for s, ix in parts.items()}, shard_size=shard_size,
                        label_names=label_names, truth=truth, provenance=prov, overwrite=overwrite) as w:
@@ -357,10 +355,8 @@ def convert_files(out, images_dir, curves_file, *, t=None, labels_file=None, val
                 w.write(s, {"image": np.concatenate(imgs), "curve": curves[sel]},
                         None if labels is None else labels[sel], {"source_index": sel},
                         source=f"{images_dir} ({files[sel[0]].name}..)")
-                if bar is not None:
-                    bar.update(len(sel))
-    if bar is not None:
-        bar.close()
+                bar.update(len(sel))
+    bar.close()
     return Path(out)
 
 

@@ -569,10 +569,8 @@ def build_lattice(out, n: int = 91, *, seed: int = 0, cfg: LatticeConfig | None 
                 if sl.start != (sl.stop if sl.stop is not None else len(labels)):
                     w.write(split, {k: a[sl] for k, a in arrays.items()}, labels[sl],
                             {k: a[sl] for k, a in truth.items()}, source=f"lattice specimens {start}..")
-            if bar is not None:
-                bar.update(len(specimens))
-        if bar is not None:
-            bar.close()
+            bar.update(len(specimens))
+        bar.close()
     return Path(out)
 
 
@@ -596,10 +594,8 @@ def _run_blocks(blocks, workers: int):
 
 
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, unit="specimen", desc="lattice", dynamic_ncols=True)
+    return tqdm(total=total, unit="specimen", desc="lattice", dynamic_ncols=True, disable=not enabled)
 
 
 __all__ = ["LatticeConfig", "SCALING", "TOPOLOGIES", "build_lattice", "generate_specimen", "stress_strain",

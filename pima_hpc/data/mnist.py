@@ -126,10 +126,8 @@ def build_mnist(idx_dir, out, noise="clean", *, seed: int = 0, val_fraction: flo
                               noise=str(noise), val_fraction=val_fraction, sources=sources,
                               split="stratified 90/10 of the MNIST training set; standard 10,000 test set")
     counts = {s: len(ix) for s, (_, ix) in parts.items()}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(counts.values()), unit="sample", desc="mnist", dynamic_ncols=True)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(counts.values()), unit="sample", desc="mnist", dynamic_ncols=True, disable=not progress)
     with DatasetWriter(out, modalities, counts, shard_size=shard_size, label_names=[str(d) for d in range(10)],
                        provenance=prov, overwrite=overwrite) as wr:
         for split, (src, ix) in parts.items():
@@ -141,10 +139,8 @@ def build_mnist(idx_dir, out, noise="clean", *, seed: int = 0, val_fraction: flo
                 curve = lab[:, None] * t[None, :] + sigma * crng.standard_normal((len(sel), POINTS))
                 wr.write(split, {"image": arrays[f"{src}_images"][sel][:, None], "curve": curve}, lab,
                          source=sources[f"{src}_images"]["file"])
-                if bar is not None:
-                    bar.update(len(sel))
-    if bar is not None:
-        bar.close()
+                bar.update(len(sel))
+    bar.close()
     return Path(out)
 
 

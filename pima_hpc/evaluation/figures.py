@@ -9,6 +9,8 @@ crossmodal_<a>_to_<b>.png  curves predicted from the image alone: MoE mean +- 2 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pima_hpc.train.em import to_device  # noqa: E402
+from pima_hpc.runtime import to_device  # noqa: E402
 
 
 def _save(fig, path):
@@ -26,18 +28,18 @@ def _save(fig, path):
 
 
 @torch.no_grad()
-def _sample(trainer, reader, n=2000):
-    model = trainer.model.eval()
-    idx = reader.batch_index_lists(max(n, 2), shuffle=True, seed=trainer.cfg.seed)[0][:n]
-    batch = to_device(reader.read_batch(idx), trainer.device)
+def _sample(ev, reader, n=2000):
+    model = ev.model.eval()
+    idx = reader.batch_index_lists(max(n, 2), shuffle=True, seed=ev.seed)[0][:n]
+    batch = to_device(reader.read_batch(idx), ev.device)
     mu, _ = model.encode(batch)
     gamma = model.log_responsibilities(mu).exp()
     return batch, mu.cpu().numpy(), gamma.argmax(-1).cpu().numpy()
 
 
-def latent_figure(trainer, reader, path):
-    batch, mu, clusters = _sample(trainer, reader)
-    means = trainer.model.cluster_means.cpu().numpy()
+def latent_figure(ev, reader, path):
+    batch, mu, clusters = _sample(ev, reader)
+    means = ev.model.cluster_means.cpu().numpy()
     l = mu.shape[1]
     pairs = [(0, 1)] if l == 2 else [(0, 1), (0, 2), (1, 2)] if l >= 3 else [(0, 0)]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4.2), squeeze=False)
@@ -71,9 +73,9 @@ def confusion_figure(confusion, labels, title, path):
     _save(fig, path)
 
 
-def experts_figure(trainer, reader, name, path):
-    batch, _, clusters = _sample(trainer, reader, 600)
-    model, spec = trainer.model, trainer.spec[name]
+def experts_figure(ev, reader, name, path):
+    batch, _, clusters = _sample(ev, reader, 600)
+    model, spec = ev.model, ev.model.spec[name]
     t = spec.t
     x = spec.to_physical(batch[name].cpu().numpy())
     fits = model.experts[name].evaluate(model.theta(name))
@@ -98,8 +100,8 @@ def experts_figure(trainer, reader, name, path):
 
 
 @torch.no_grad()
-def generated_figure(trainer, name, path):
-    model = trainer.model
+def generated_figure(ev, name, path):
+    model = ev.model
     means = model.cluster_means
     sd = model.cluster_logvars.exp().sqrt()
     c, l = means.shape
@@ -129,10 +131,10 @@ def generated_figure(trainer, name, path):
 
 
 @torch.no_grad()
-def crossmodal_figure(trainer, reader, src, dst, path, n=6):
-    model, spec = trainer.model, trainer.spec[dst]
-    batch, _, _ = _sample(trainer, reader, n)
-    mean, var = trainer.crossmodal.predict_curve(model, src, dst, batch[src])
+def crossmodal_figure(ev, reader, src, dst, path, n=6):
+    model, spec = ev.model, ev.model.spec[dst]
+    batch, _, _ = _sample(ev, reader, n)
+    mean, var = ev.crossmodal.predict_curve(model, src, dst, batch[src])
     truth = spec.to_physical(batch[dst].cpu().numpy())
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.4), squeeze=False)
     for i in range(n):
@@ -147,29 +149,31 @@ def crossmodal_figure(trainer, reader, src, dst, path, n=6):
     _save(fig, path)
 
 
-def write_figures(trainer, metrics: dict) -> list[str]:
-    out = trainer.run_dir / "figures"
+def write_figures(ev, metrics: dict, run_dir) -> list[str]:
+    """Every figure of a run into ``run_dir/figures`` from an :class:`~pima_hpc.evaluation.evaluate.Evaluator`
+    (its model, cross-modal networks and splits: the test split, else validation, else training)."""
+    out = Path(run_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    reader = trainer.test_data or trainer.val_data or trainer.train_data
+    reader = next(ev.splits[k] for k in ("test", "val", "train") if k in ev.splits)
     written = []
 
     def add(p):
         written.append(str(p))
         return p
 
-    latent_figure(trainer, reader, add(out / "latent.png"))
-    labels = list(trainer.spec.label_names or [])
+    latent_figure(ev, reader, add(out / "latent.png"))
+    labels = list(ev.model.spec.label_names or [])
     for key, m in metrics.items():
         if isinstance(m, dict) and "test" in m and "confusion" in m["test"]:
             confusion_figure(m["test"]["confusion"], labels,
                              f"{key}: test accuracy {100 * m['test']['accuracy']:.2f}%",
                              add(out / f"confusion_{key}.png"))
-    for name in trainer.model.curve_names:
-        experts_figure(trainer, reader, name, add(out / f"experts_{name}.png"))
-    for name in trainer.model.image_names:
-        generated_figure(trainer, name, add(out / f"generated_{name}.png"))
-    if trainer.crossmodal is not None:
-        for src in trainer.model.image_names:
-            for dst in trainer.model.curve_names:
-                crossmodal_figure(trainer, reader, src, dst, add(out / f"crossmodal_{src}_to_{dst}.png"))
+    for name in ev.model.curve_names:
+        experts_figure(ev, reader, name, add(out / f"experts_{name}.png"))
+    for name in ev.model.image_names:
+        generated_figure(ev, name, add(out / f"generated_{name}.png"))
+    if ev.crossmodal is not None:
+        for src in ev.model.image_names:
+            for dst in ev.model.curve_names:
+                crossmodal_figure(ev, reader, src, dst, add(out / f"crossmodal_{src}_to_{dst}.png"))
     return written

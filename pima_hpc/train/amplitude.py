@@ -16,7 +16,8 @@ import torch
 
 from pima_hpc.model.pima import PIMA, CrossModalEncoders, amplitude_key
 from pima_hpc.model.statistics import StreamingStatistics, regression_statistics, solve_regression
-from pima_hpc.train.em import reduce_all, to_device
+from pima_hpc.runtime import to_device
+from pima_hpc.train.em import reduce_all
 
 
 @torch.no_grad()

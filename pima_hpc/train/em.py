@@ -17,10 +17,7 @@ from pima_hpc.model.pima import PIMA
 from pima_hpc.model.statistics import (StreamingStatistics, curve_statistics, expert_noise_variance,
                                        latent_statistics, m_step_means, m_step_tied_variance, m_step_variances,
                                        m_step_weights, profiled_noise_variance)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+from pima_hpc.runtime import to_device
 
 
 def new_curve_statistics(model: PIMA) -> dict[str, StreamingStatistics]:

@@ -89,6 +89,6 @@ def evaluate_run(run_dir: str, overrides: list[str] | None = None) -> dict:
     if cfg.figures:
         from pima_hpc.evaluation.figures import write_figures
         with torch.no_grad():
-            write_figures(trainer, metrics)
+            write_figures(trainer.evaluator, metrics, run)
     print(summary_line(metrics) or "evaluated")
     return metrics

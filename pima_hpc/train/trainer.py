@@ -30,8 +30,8 @@ import torch
 from pima_hpc.config import Config, ConfigError, config_hash, save_config, to_dict
 from pima_hpc.data.loading import has_split, open_run_split
 from pima_hpc.errors import NonFiniteError, ResumeError
-from pima_hpc.runtime import Context
-from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label, table_metrics
+from pima_hpc.runtime import Context, to_device
+from pima_hpc.evaluation.evaluate import Evaluator
 from pima_hpc.model.elbo import cluster_distillation, crossmodal_kl
 from pima_hpc.model.pima import PIMA, CrossModalEncoders, elbo_from_terms
 from pima_hpc.train import em
@@ -146,6 +146,9 @@ class Trainer:
         self.device = self.ctx.device
         self.report = report
         self.run_dir = Path(cfg.run_dir)
+        # Passes without gradients (EM, evaluation, statistics) hold no activations for backward,
+        # so four training batches fit in the memory one training step needs.
+        self.eval_batch = cfg.train.batch_size * 4
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -188,10 +191,9 @@ class Trainer:
         return self.ctx.rank == 0
 
     def _progress(self, total, desc):
-        if self.is_root and self.cfg.train.progress:
-            from tqdm.auto import tqdm
-            return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-        return None
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+                    disable=not (self.is_root and self.cfg.train.progress))
 
     def _payload(self) -> dict:
         payload = {
@@ -316,11 +318,11 @@ class Trainer:
     @torch.no_grad()
     def _multimodal_forward(self, idx) -> None:
         gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, 11, int(idx[0]), self.ctx.rank))
-        self.model(em.to_device(self.train_data.read_batch(idx), self.device), gen)
+        self.model(to_device(self.train_data.read_batch(idx), self.device), gen)
 
     # ----- the multimodal stage ----------------------------------------------------------------
     def initialise(self) -> None:
-        bs = self.cfg.train.batch_size * 4
+        bs = self.eval_batch
         if self.cfg.train.init == "experts" and self.model.curve_names:
             info = em.initialise_from_experts(self.model, self.train_data, bs, self.collective, self.device,
                                               self.cfg.seed)
@@ -343,7 +345,7 @@ class Trainer:
         otherwise the means go back to their anchors, at most until ``max_warmup_epochs``.
         """
         t = self.cfg.train
-        latent, curves = em.em_pass(self.model, self.train_data, t.batch_size * 4, self.collective, self.device,
+        latent, curves = em.em_pass(self.model, self.train_data, self.eval_batch, self.collective, self.device,
                                     self.curve_memory, t.rls_forgetting)
         em.apply_expert_solve(self.model, curves, t.ridge, self.cfg.model.expert_noise,
                               self.cfg.model.expert_noise_floor)
@@ -355,7 +357,7 @@ class Trainer:
                    if k in ("cluster_means", "cluster_logvars", "pi_logits")}
         em.apply_gmm_m_step(self.model, latent, t.em_variances, t.em_weights, t.tied_variances)
         if self.state["warm"]:
-            agreement = em.agreement(self.model, self.train_data, t.batch_size * 4, self.collective, self.device)
+            agreement = em.agreement(self.model, self.train_data, self.eval_batch, self.collective, self.device)
             self.state.setdefault("agreement", []).append(agreement)
             if agreement >= t.warmup_agreement or epoch >= t.max_warmup_epochs:
                 self.state["warm"] = False
@@ -401,10 +403,9 @@ class Trainer:
         seen = int(sums.pop("_seen", 0))
         bar = self._progress(len(batches), f"epoch {epoch + 1}/{t.epochs}")
         start = self.state["step"]
-        if bar is not None:
-            bar.update(start)
+        bar.update(start)
         for step in range(start, len(batches)):
-            batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
+            batch = to_device(self.train_data.read_batch(batches[step]), self.device)
             seen += len(batches[step])
             gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, 0, epoch, step, self.ctx.rank))
             # Warm-up with the paper's p(c|z) needs the experts' opinion (eq 19): untrained encoders
@@ -428,12 +429,10 @@ class Trainer:
                 sums["elbo"] = sums.get("elbo", 0.0) + float(per_sample.sum())
             self._keep_partial({**sums, "_seen": seen})
             self._check_finite(terms, loss, f"stage multimodal, epoch {epoch + 1}, step {step + 1}")
-            if bar is not None:
-                bar.update(1)
-                if step % t.log_every == 0:
-                    bar.set_postfix(loss=f"{float(loss) / self.ctx.world_size:.3f}")
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            if not bar.disable and step % t.log_every == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()) / self.ctx.world_size:.3f}")
+        bar.close()
         self._recompute_batchnorm(self.model, self._multimodal_forward, t.precise_bn_batches, t.batch_size, epoch)
         self.state.pop("partial_sums", None)
         keys = sorted(sums)
@@ -446,8 +445,8 @@ class Trainer:
         """Mean per-sample ELBO on a split with fixed noise draws (the unsupervised selection metric)."""
         self.model.eval()
         total = 0.0
-        for i, idx in enumerate(reader.batch_index_lists(self.cfg.train.batch_size * 4, shuffle=False)):
-            batch = em.to_device(reader.read_batch(idx), self.device)
+        for i, idx in enumerate(reader.batch_index_lists(self.eval_batch, shuffle=False)):
+            batch = to_device(reader.read_batch(idx), self.device)
             gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, 99, i, self.ctx.rank))
             total += float(elbo_from_terms(self.model(batch, gen)).sum())
         s = self.collective.allreduce_sum([np.array([total, len(reader)])])[0]
@@ -475,7 +474,7 @@ class Trainer:
             if self.val_data is not None:
                 metrics["val_elbo"] = self.validation_elbo(self.val_data)
                 if self.val_data.labels() is not None and self.spec.label_names:
-                    metrics["val_accuracy"] = self.quick_accuracy(self.val_data)
+                    metrics["val_accuracy"] = self.evaluator.accuracy(self.val_data)
             self.state["history"].append(metrics)
             best = metrics.get("val_elbo", -math.inf) > self.state["best_val_elbo"]
             if best:
@@ -492,118 +491,15 @@ class Trainer:
             self.save()
 
     # ----- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
-    def cluster_table(self, reader, predict) -> np.ndarray:
-        """Global contingency table (clusters x labels) of ``predict(batch) -> clusters`` on a split."""
-        self.model.eval()
-        c, k = self.cfg.model.n_clusters, len(self.spec.label_names)
-        table = np.zeros((c, k))
-        for idx in reader.batch_index_lists(self.cfg.train.batch_size * 4, shuffle=False):
-            batch = em.to_device(reader.read_batch(idx), self.device)
-            clusters = predict(batch).cpu().numpy()
-            table += contingency(clusters, batch["label"].cpu().numpy(), c, k)
-        return self.collective.allreduce_sum([table])[0]
-
-    def quick_accuracy(self, reader) -> float:
-        table = self.cluster_table(reader, self.model.predict)
-        return table_metrics(table, fit_cluster_to_label(table))["accuracy"]
-
-    def evaluate_predictor(self, predict) -> dict:
-        """Metrics per split; the cluster -> label map is fitted on train and reused for val and test."""
-        out = {}
-        train_table = self.cluster_table(self.train_data, predict)
-        mapping = fit_cluster_to_label(train_table)
-        out["mapping"] = mapping.tolist()
-        for name, reader in (("train", self.train_data), ("val", self.val_data), ("test", self.test_data)):
-            if reader is not None:
-                table = train_table if name == "train" else self.cluster_table(reader, predict)
-                out[name] = table_metrics(table, mapping)
-        return out
-
-    def predictors(self) -> dict:
-        """Every way the toolkit assigns clusters: multimodal, each cross-modal encoder, eqs 19-20."""
-        preds = {"multimodal": self.model.predict}
-        if self.cfg.model.cluster_posterior == "joint" and self.model.curve_names:
-            preds["multimodal_joint"] = self._joint_predict
-        for name in self.model.curve_names:
-            preds[f"bayes_{name}"] = lambda b, n=name: self._bayes_curve(b, n)
-        if self.crossmodal is not None:
-            for name in self.spec.names:
-                preds[f"crossmodal_{name}"] = lambda b, n=name: self.crossmodal_predict(b, n)
-                if self.crossmodal.classifiers:
-                    preds[f"crossmodal_latent_{name}"] = lambda b, n=name: self.crossmodal_latent_predict(b, n)
-        return preds
-
-    @torch.no_grad()
-    def _joint_predict(self, batch):
-        """argmax q(c | X): the latent code's p(c | z = mu) and the experts' likelihoods together, the
-        q(c) the ELBO trains with (model.cluster_posterior: joint); not the paper's evaluation."""
-        mu, logvar = self.model.encode(batch)
-        return self.model.cluster_log_posterior(batch, mu, logvar, mu).argmax(-1)
-
-    def _bayes_curve(self, batch, name):
-        return self.model.expert_log_posterior(batch, [name]).argmax(-1)
+    @property
+    def evaluator(self) -> Evaluator:
+        """Read-outs and scores of the model as it is now (pima_hpc.evaluation.evaluate)."""
+        return Evaluator(self.model, self.crossmodal, {"train": self.train_data, "val": self.val_data,
+                                                       "test": self.test_data},
+                         self.collective, self.device, self.eval_batch, self.cfg.seed)
 
     def evaluate(self) -> dict:
-        # eval mode: BatchNorm running statistics, so a prediction does not depend on its batch
-        for module in (self.model, self.crossmodal):
-            if module is not None:
-                module.eval()
-        metrics = {}
-        if self.spec.label_names and self.train_data.labels() is not None:
-            for key, predict in self.predictors().items():
-                metrics[key] = self.evaluate_predictor(predict)
-        metrics["experts"] = {n: self.model.experts[n].describe(self.model.theta(n)) for n in self.model.curve_names}
-        metrics["expert_noise_std"] = {n: self.model.log_noise(n).exp().sqrt().tolist() for n in self.model.curve_names}
-        metrics["cluster_weights"] = self.model.log_pi().exp().tolist()
-        if self.model.amplitude_free:
-            metrics["expert_amplitude"] = self.amplitude_report(self.train_data)
-        return metrics
-
-    @torch.no_grad()
-    def amplitude_report(self, reader, quantiles=(0.05, 0.5, 0.95)) -> dict:
-        """Per curve modality and cluster: the distribution of the samples' profiled amplitudes (free
-        expert amplitude), and of the scale parameters they imply in physical units (a_d * theta_c).
-
-        Samples go to their argmax q(c | X); the quantiles are over this rank's gather of every
-        rank's amplitudes (a sum of zero-padded slots, as the initialisation does).
-        """
-        c = self.cfg.model.n_clusters
-        amps = {n: [] for n in self.model.curve_names}
-        assign = []
-        for batch in reader.iter_batches(self.cfg.train.batch_size * 4, shuffle=False):
-            batch = em.to_device(batch, self.device)
-            mu, logvar = self.model.encode(batch)
-            k = self.model.cluster_log_posterior(batch, mu, logvar, mu).argmax(-1)
-            assign.append(k.cpu().numpy())
-            for n in amps:
-                amps[n].append(self.model.amplitudes(n, batch[n]).gather(1, k[:, None])[:, 0].double().cpu().numpy())
-        assign = self._gather_rows(np.concatenate(assign).astype(float))
-        out = {}
-        for n, parts in amps.items():
-            a = self._gather_rows(np.concatenate(parts))
-            expert, theta = self.model.experts[n], self.model.theta(n)
-            rows = []
-            for k in range(c):
-                sel = a[assign == k]
-                row = {"cluster": k, "n": int(len(sel))}
-                if len(sel):
-                    row.update(mean=float(sel.mean()), sd=float(sel.std()),
-                               **{f"q{int(100 * q):02d}": float(np.quantile(sel, q)) for q in quantiles})
-                    for i, p in enumerate(expert.param_names):
-                        if p in expert.scale_params:
-                            row[p] = {f"q{int(100 * q):02d}": float(np.quantile(sel, q) * theta[k, i]) for q in quantiles}
-                rows.append(row)
-            out[n] = rows
-        return out
-
-    def _gather_rows(self, local: np.ndarray) -> np.ndarray:
-        """Concatenate every rank's 1-D array in rank order, through the one collective (zero-padded slots)."""
-        sizes = self.collective.allreduce_sum([np.eye(self.ctx.world_size)[self.ctx.rank] * len(local)])[0].astype(int)
-        slots = np.zeros((self.ctx.world_size, int(sizes.max())))
-        slots[self.ctx.rank, :len(local)] = local
-        summed = self.collective.allreduce_sum([slots])[0]
-        return np.concatenate([summed[r, :sizes[r]] for r in range(self.ctx.world_size)])
+        return self.evaluator.metrics()
 
     # ----- the cross-modal stage (Section 2.4, eq 18) ------------------------------------------
     def _build_crossmodal(self) -> None:
@@ -614,18 +510,8 @@ class Trainer:
         self.xm_net = self.ctx.wrap_ddp(self.crossmodal)
         self.xm_optimizer = torch.optim.Adam(self.crossmodal.parameters(), lr=self.cfg.crossmodal.lr)
 
-    @torch.no_grad()
-    def crossmodal_predict(self, batch, name):
-        return self.crossmodal.log_cluster_posterior(self.model, name, batch[name]).argmax(-1)
-
-    @torch.no_grad()
-    def crossmodal_latent_predict(self, batch, name):
-        """The paper's unimodal prediction, argmax p(c | z = mu~_i) (Section 2.4)."""
-        mu, _ = self.crossmodal(name, batch[name])
-        return self.model.log_responsibilities(mu).argmax(-1)
-
     def _crossmodal_forward(self, idx) -> None:
-        batch = em.to_device(self.train_data.read_batch(idx), self.device)
+        batch = to_device(self.train_data.read_batch(idx), self.device)
         for name in self.spec.names:
             self.crossmodal(name, batch[name])
             if name in self.crossmodal.classifiers:
@@ -650,7 +536,7 @@ class Trainer:
                     if term == "kl" or n in self.crossmodal.classifiers]
             sums = np.array([partial.get(k, 0.0) for k in keys])
             for step in range(self.state["step"], len(batches)):
-                batch = em.to_device(self.train_data.read_batch(batches[step]), self.device)
+                batch = to_device(self.train_data.read_batch(batches[step]), self.device)
                 with torch.no_grad():
                     mu, logvar = self.model.encode(batch)
                     # the heads' teacher: the multimodal model's own q(c | X) at z = mu (with the
@@ -672,13 +558,11 @@ class Trainer:
                 sums += [float(terms[k].detach().sum()) for k in keys]
                 self._keep_partial(dict(zip(keys, sums)))
                 self._check_finite(terms, loss, f"stage crossmodal, epoch {epoch + 1}, step {step + 1}")
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
+                bar.update(1)
+            bar.close()
             self._recompute_batchnorm(self.crossmodal, self._crossmodal_forward, x.precise_bn_batches,
                                       x.batch_size, epoch)
-            amplitude = fit_amplitude_models(self.model, self.crossmodal, self.train_data, x.batch_size * 4,
+            amplitude = fit_amplitude_models(self.model, self.crossmodal, self.train_data, self.eval_batch,
                                              self.collective, self.device)
             self.state.pop("partial_sums", None)
             tot = self.collective.allreduce_sum([np.append(sums, len(self.train_data))])[0]
@@ -754,7 +638,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
             if self.cfg.figures:
                 from pima_hpc.evaluation.figures import write_figures
-                write_figures(self, metrics)
+                write_figures(self.evaluator, metrics, self.run_dir)
         self.collective.barrier()
         return metrics
 
