@@ -43,5 +43,3 @@ class Collective:
     def close(self) -> None:
         """Release communication resources (a no-op on one process)."""
 
-
-SingleProcess = Collective

@@ -205,15 +205,13 @@ def _need(path: str) -> None:
         pytest.skip(f"{path} is not in this checkout")
 
 
-@pytest.fixture(scope="module")
-def lattice_data(slurm_conf, tmp_path_factory) -> Path:
-    """A small lattice data set, built by the data job (slurm/build_data.sh)."""
+def build_lattice_job(slurm_conf, directory: Path, *args: str) -> Path:
+    """Build a lattice data set with the data job (slurm/build_data.sh) and return its path."""
     _need("configs/lattice.yaml")
-    d = tmp_path_factory.mktemp("lattice")
-    out, log = d / "lattice.h5", d / "build.out"
+    out, log = directory / "lattice.h5", directory / "build.out"
     env = job_env(slurm_conf)
-    job, rc = submit(["-o", str(log), "slurm/build_data.sh", "lattice", "--n", "8", "--size", "48",
-                      "--out", str(out), "--quiet"], env, wait=True)
+    job, rc = submit(["-o", str(log), "slurm/build_data.sh", "lattice", *args, "--out", str(out), "--quiet"],
+                     env, wait=True)
     info = job_info(job, env)
     assert rc == 0, f"build_data.sh job {job}: sbatch --wait exited {rc}\n{tail(log)}"
     assert_completed(job, info, log)
@@ -222,16 +220,16 @@ def lattice_data(slurm_conf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def lattice_data(slurm_conf, tmp_path_factory) -> Path:
+    """A small lattice data set for the launch, requeue and resume tests."""
+    return build_lattice_job(slurm_conf, tmp_path_factory.mktemp("lattice"), "--n", "8", "--size", "48")
+
+
+@pytest.fixture(scope="module")
 def lattice_accuracy_data(slurm_conf, tmp_path_factory) -> Path:
     """A lattice set big enough to score topology (40 specimens: 8 held out, 96 test images), small images."""
-    _need("configs/lattice.yaml")
-    d = tmp_path_factory.mktemp("lattice_acc")
-    out, log = d / "lattice.h5", d / "build.out"
-    env = job_env(slurm_conf)
-    job, rc = submit(["-o", str(log), "slurm/build_data.sh", "lattice", "--n", "40", "--size", "48", "--seed", "1",
-                      "--out", str(out), "--quiet"], env, wait=True)
-    assert rc == 0, f"build_data.sh job {job}: sbatch --wait exited {rc}\n{tail(log)}"
-    return out
+    return build_lattice_job(slurm_conf, tmp_path_factory.mktemp("lattice_acc"), "--n", "40", "--size", "48",
+                             "--seed", "1")
 
 
 def test_train_lattice(slurm_conf, lattice_accuracy_data, tmp_path):

@@ -100,7 +100,39 @@ def _check_root(root: int, world_size: int) -> None:
         raise ValueError(f"broadcast_object: root must be in [0, {world_size}), got {root}")
 
 
-class TorchCollective(Collective):
+class PackedCollective(Collective):
+    """The sum path both transports share: pack -> all-gather (exact) or all-reduce -> check -> unpack.
+
+    Subclasses give the two transport calls on one packed float64 buffer; the shape checksum in
+    slot 0 turns ranks that pass different arrays into an error on every rank.
+    """
+
+    exact: bool = True
+
+    def _allgather(self, buf: np.ndarray) -> np.ndarray:
+        """Every rank's ``buf`` as the rows of a (world_size, len(buf)) array."""
+        raise NotImplementedError
+
+    def _allreduce(self, buf: np.ndarray) -> np.ndarray:
+        """The element-wise sum of every rank's ``buf`` (the transport's own order), a new array."""
+        raise NotImplementedError
+
+    def allreduce_sum(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if len(arrays) == 0:
+            return []
+        buf, shapes = _pack(arrays)
+        if self.exact:
+            gathered = self._allgather(buf)
+            _check_signatures(gathered[:, 0], buf[0], self.rank, shapes)
+            total = _sum_in_rank_order(gathered)
+        else:
+            total = self._allreduce(buf)
+            if total[0] != buf[0] * self.world_size:
+                raise _shape_mismatch(self.rank, shapes, "another rank")
+        return _unpack(total, shapes)
+
+
+class TorchCollective(PackedCollective):
     """Float64 sums through a torch.distributed group that can hold CPU tensors (gloo).
 
     ``group`` is the gloo group: the default group when the backend is gloo, or the extra gloo
@@ -117,24 +149,17 @@ class TorchCollective(Collective):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
 
-    def allreduce_sum(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if len(arrays) == 0:
-            return []
-        buf, shapes = _pack(arrays)
-        if self.exact:
-            gathered = np.empty((self.world_size, buf.size), dtype=np.float64)
-            out = torch.from_numpy(gathered)
-            # all_gather into row views of one buffer: no per-rank allocation or copy afterwards.
-            dist.all_gather(list(out.unbind(0)), torch.from_numpy(buf), group=self.group)
-            _check_signatures(gathered[:, 0], buf[0], self.rank, shapes)
-            total = _sum_in_rank_order(gathered)
-        else:
-            sig = buf[0]
-            dist.all_reduce(torch.from_numpy(buf), op=dist.ReduceOp.SUM, group=self.group)
-            if buf[0] != sig * self.world_size:
-                raise _shape_mismatch(self.rank, shapes, "another rank")
-            total = buf
-        return _unpack(total, shapes)
+    def _allgather(self, buf: np.ndarray) -> np.ndarray:
+        gathered = np.empty((self.world_size, buf.size), dtype=np.float64)
+        out = torch.from_numpy(gathered)
+        # all_gather into row views of one buffer: no per-rank allocation or copy afterwards.
+        dist.all_gather(list(out.unbind(0)), torch.from_numpy(buf), group=self.group)
+        return gathered
+
+    def _allreduce(self, buf: np.ndarray) -> np.ndarray:
+        total = buf.copy()
+        dist.all_reduce(torch.from_numpy(total), op=dist.ReduceOp.SUM, group=self.group)
+        return total
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
@@ -178,7 +203,7 @@ def import_mpi():
     return MPI
 
 
-class MPICollective(Collective):
+class MPICollective(PackedCollective):
     """Float64 sums through mpi4py on numpy buffers (no torch involved).
 
     ``comm`` defaults to a duplicate of ``MPI.COMM_WORLD`` so these collectives never match
@@ -211,23 +236,17 @@ class MPICollective(Collective):
         self.rank, self.world_size = rank, size
         self.exact = exact
 
-    def allreduce_sum(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if len(arrays) == 0:
-            return []
-        buf, shapes = _pack(arrays)
-        if self.exact:
-            gathered = np.empty((self.world_size, buf.size), dtype=np.float64)
-            self.comm.Allgather(buf, gathered)
-            _check_signatures(gathered[:, 0], buf[0], self.rank, shapes)
-            total = _sum_in_rank_order(gathered)
-        else:
-            from mpi4py import MPI
+    def _allgather(self, buf: np.ndarray) -> np.ndarray:
+        gathered = np.empty((self.world_size, buf.size), dtype=np.float64)
+        self.comm.Allgather(buf, gathered)
+        return gathered
 
-            total = np.empty_like(buf)
-            self.comm.Allreduce(buf, total, op=MPI.SUM)
-            if total[0] != buf[0] * self.world_size:
-                raise _shape_mismatch(self.rank, shapes, "another rank")
-        return _unpack(total, shapes)
+    def _allreduce(self, buf: np.ndarray) -> np.ndarray:
+        from mpi4py import MPI
+
+        total = np.empty_like(buf)
+        self.comm.Allreduce(buf, total, op=MPI.SUM)
+        return total
 
     def barrier(self) -> None:
         self.comm.Barrier()

@@ -30,10 +30,10 @@ import torch
 from pima_hpc.config import Config, ConfigError, config_hash, save_config, to_dict
 from pima_hpc.data.loading import has_split, open_run_split
 from pima_hpc.errors import NonFiniteError, ResumeError
-from pima_hpc.runtime import Context, to_device
 from pima_hpc.evaluation.evaluate import Evaluator
 from pima_hpc.model.elbo import cluster_distillation, crossmodal_kl
 from pima_hpc.model.pima import PIMA, CrossModalEncoders, elbo_from_terms
+from pima_hpc.runtime import Context, to_device
 from pima_hpc.train import em
 from pima_hpc.train.amplitude import fit_amplitude_models
 from pima_hpc.train.batchnorm import precise_batchnorm
