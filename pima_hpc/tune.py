@@ -451,7 +451,7 @@ def _check_samples(spec: TuneSpec, base_cfg: Config, where: str) -> None:
     check({k: d.corners()[0] for k, d in spec.space.items()}, "the space's lowest/first values together")
     check({k: d.corners()[-1] for k, d in spec.space.items()}, "the space's highest/last values together")
 
-    from pima_hpc.data.loading import has_split
+    from pima_hpc.train.splits import has_split
 
     if not has_split(base_cfg.data, "val"):
         from pima_hpc.data.layout import list_splits

@@ -81,7 +81,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
 def test_trainer_reads_built_dataset(tmp_path):
     trainer_mod = pytest.importorskip("pima_hpc.train.trainer")
     from pima_hpc.config import load_config
-    from pima_hpc.data.loading import has_split, open_run_split
+    from pima_hpc.train.splits import has_split, open_run_split
     src = fake_mnist(tmp_path / "idx", n_train=400, n_test=100)
     out = tmp_path / "m"
     assert pima(["data", "mnist", "--idx-dir", str(src), "--out", str(out), "--shard-size", "128", "--quiet"]) == 0

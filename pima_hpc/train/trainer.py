@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from pima_hpc.config import Config, ConfigError, config_hash, save_config, to_dict
-from pima_hpc.data.loading import has_split, open_run_split
 from pima_hpc.errors import NonFiniteError, ResumeError
 from pima_hpc.evaluation.evaluate import Evaluator
 from pima_hpc.model.elbo import cluster_distillation, crossmodal_kl
@@ -38,6 +37,7 @@ from pima_hpc.train import em
 from pima_hpc.train.amplitude import fit_amplitude_models
 from pima_hpc.train.batchnorm import precise_batchnorm
 from pima_hpc.train.checkpoint import CheckpointManager, atomic_write_text
+from pima_hpc.train.splits import has_split, open_run_split
 
 log = logging.getLogger("pima")
 

@@ -1,4 +1,5 @@
-"""Open the splits a run needs, from the config: the embedded digits or an HDF5 dataset."""
+"""The splits a run reads, from its config: the embedded digits or an HDF5 dataset (the data layer itself
+knows no run config)."""
 
 from __future__ import annotations
 
