@@ -41,8 +41,8 @@ BIN = Path(sys.executable).parent
 
 # Caller of allreduce_sum -> what it reduces.
 KINDS = {"reduce_all": "em", "initialise_from_experts": "em", "_agree": "step_flags",
-         "_sync_batchnorm_stats": "bn_sync", "train_epoch": "metrics", "validation_elbo": "metrics",
-         "cluster_table": "metrics"}
+         "broadcast_batchnorm_stats": "bn_sync", "precise_batchnorm": "bn_sync", "train_epoch": "metrics",
+         "validation_elbo": "metrics", "cluster_table": "metrics"}
 
 
 class TimingCollective:

@@ -260,7 +260,7 @@ def test_second_signal_exits_at_once_and_a_duplicate_is_one_request(tmp_path):
     """A signal delivered twice within a second (process group + torchrun's relay) is one request;
     a later second signal exits at once with 128 + signum."""
     code = ("import os, signal, time\n"
-            "from pima_hpc.train.trainer import SignalFlag\n"
+            "from pima_hpc.train.signals import SignalFlag\n"
             "flag = SignalFlag().install()\n"
             "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGUSR1)\n"
             "time.sleep(0.2)\n"
@@ -498,7 +498,7 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     import numpy as np
 
     from pima_hpc.train.checkpoint import save_checkpoint
-    from pima_hpc.train.trainer import _rng_state, _set_rng_state
+    from pima_hpc.train.state import rng_state as _rng_state, set_rng_state as _set_rng_state
 
     def draw():
         return torch.rand(3).tolist(), np.random.standard_normal(3).tolist(), random.random(), random.gauss(0, 1)

@@ -56,3 +56,24 @@ def precise_batchnorm(module: torch.nn.Module, forward: Callable[[object], objec
     for m, momentum in zip(layers, momenta):
         m.momentum = momentum
     module.eval()
+
+
+@torch.no_grad()
+def broadcast_batchnorm_stats(module: torch.nn.Module, collective: Collective) -> None:
+    """Give every rank rank 0's BatchNorm running statistics (without precise BatchNorm).
+
+    DDP broadcasts rank 0's buffers at the START of each forward, so after an epoch's last step
+    every rank holds running statistics updated by its own last batch. The EM pass, validation,
+    evaluation and checkpoints use the unwrapped model in eval mode, and would otherwise see a
+    slightly different encoder on each rank. Rank 0 sends its values and the others zeros: x + 0
+    is exact, so this is a bitwise broadcast through the one collective interface.
+    """
+    if collective.world_size == 1:
+        return
+    bufs = [b for m in module.modules() if isinstance(m, _BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    if not bufs:
+        return
+    mine = [b.double().cpu().numpy() if collective.rank == 0 else np.zeros(tuple(b.shape)) for b in bufs]
+    for b, v in zip(bufs, collective.allreduce_sum(mine)):
+        b.copy_(torch.as_tensor(v, dtype=b.dtype))

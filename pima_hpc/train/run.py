@@ -44,7 +44,8 @@ def _stop_with_parent() -> None:
 
 def train_from_config(cfg: Config, report=None) -> int:
     """Train the configured stages; returns the process exit code (75 = checkpointed on a signal)."""
-    from pima_hpc.train.trainer import EXIT_REQUEUE, StopRequested, Trainer, summary_line
+    from pima_hpc.train.signals import EXIT_REQUEUE, StopRequested
+    from pima_hpc.train.trainer import Trainer, summary_line
 
     ctx = make_context(cfg)
     trainer = None

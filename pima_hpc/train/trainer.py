@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -35,90 +34,17 @@ from pima_hpc.model.pima import PIMA, CrossModalEncoders, elbo_from_terms
 from pima_hpc.runtime import Context, to_device
 from pima_hpc.train import em
 from pima_hpc.train.amplitude import fit_amplitude_models
-from pima_hpc.train.batchnorm import precise_batchnorm
+from pima_hpc.train.batchnorm import broadcast_batchnorm_stats, precise_batchnorm
 from pima_hpc.train.checkpoint import CheckpointManager, atomic_write_text
+from pima_hpc.train.signals import SignalFlag, StopRequested
 from pima_hpc.train.splits import has_split, open_run_split
+from pima_hpc.train.state import changed_keys, rng_state, set_rng_state
 
 log = logging.getLogger("pima")
-
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; Slurm scripts requeue on it
-
-
-class StopRequested(Exception):
-    """Raised after a signal-triggered checkpoint, so the CLI exits with EXIT_REQUEUE."""
-
-
-class SignalFlag:
-    """SIGTERM/SIGUSR1 ask for a checkpoint at the end of the current step; a second one exits now."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-    # A signal sent to a whole process group under torchrun reaches a worker twice (directly and
-    # relayed by the agent) within milliseconds: that is still one request, not "exit now".
-    DUPLICATE_WINDOW_S = 1.0
-
-    def __init__(self):
-        self.requested = False
-        self._first = 0.0
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            if time.monotonic() - self._first < self.DUPLICATE_WINDOW_S:
-                return
-            os._exit(128 + signum)
-        self.requested = True
-        self._first = time.monotonic()
-        log.warning("received signal %d: will checkpoint after the current step and exit", signum)
-
-    def install(self):
-        try:
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        except ValueError:  # not the main thread (e.g. inside some Ray workers): signals stay default
-            pass
-        return self
-
-    def uninstall(self):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-
 
 def _step_seed(*parts: int) -> int:
     # A generator per (seed, stage, epoch, step, rank): exact resume needs no RNG state for the noise.
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _rng_state() -> dict:
-    """The global torch, numpy and Python generators, in types ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)],
-            "python": list(internal), "python_gauss": gauss_next}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
-    # random.gauss() caches its second draw: without it the next gauss() would differ.
-    random.setstate((3, tuple(state["python"]), state.get("python_gauss")))
-
-
-def _changed_keys(old: dict | None, new: dict, prefix: str = "") -> str:
-    """``"model.latent_dim: 3 -> 4, ..."`` for the checkpoint-relevant keys that differ ("" if unknown)."""
-    if not old:
-        return ""
-    out = []
-    for key in sorted(old):
-        a, b = old[key], new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _changed_keys(a, b, f"{prefix}{key}.")
-            out += [inner] if inner else []
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return ", ".join(out)
 
 
 def _injected_nan_step() -> int | None:
@@ -202,7 +128,7 @@ class Trainer:
             "state": json.loads(json.dumps(self.state)),
             "config_hash": config_hash(self.cfg),
             "config": {k: v for k, v in to_dict(self.cfg).items() if k in ("data", "model")},  # names a mismatch
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "curve_memory": ({n: {k: torch.from_numpy(v) for k, v in st.values.items()}
                               for n, st in self.curve_memory.items()} if self.curve_memory else None),
         }
@@ -256,7 +182,7 @@ class Trainer:
             return False
         payload, path = found
         if payload.get("config_hash") != config_hash(self.cfg):
-            changed = _changed_keys(payload.get("config"), to_dict(self.cfg))
+            changed = changed_keys(payload.get("config"), to_dict(self.cfg))
             raise ResumeError(f"run directory {str(self.run_dir)!r} holds a checkpoint ({path.name}) of a different "
                               f"model or data config{' (' + changed + ')' if changed else ''}; use a new run_dir, "
                               "or restore those settings (the run's config.yaml has them)")
@@ -264,7 +190,7 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
             self.state = payload["state"]
-            _set_rng_state(payload["rng"])
+            set_rng_state(payload["rng"])
             if "crossmodal" in payload:
                 self._build_crossmodal()
                 self.crossmodal.load_state_dict(payload["crossmodal"])
@@ -286,31 +212,11 @@ class Trainer:
             return np.asarray(flags, dtype=np.float64)
         return self.collective.allreduce_sum([np.asarray(flags, dtype=np.float64)])[0]
 
-    @torch.no_grad()
-    def _sync_batchnorm_stats(self, module: torch.nn.Module) -> None:
-        """Give every rank rank 0's BatchNorm running statistics at the end of an epoch.
-
-        DDP broadcasts rank 0's buffers at the START of each forward, so after an epoch's last step
-        every rank holds running statistics updated by its own last batch. The EM pass, validation,
-        evaluation and checkpoints use the unwrapped model in eval mode, and would otherwise see a
-        slightly different encoder on each rank. Rank 0 sends its values and the others zeros: x + 0
-        is exact, so this is a bitwise broadcast through the one collective interface.
-        """
-        if self.ctx.world_size == 1:
-            return
-        bufs = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-        if not bufs:
-            return
-        mine = [b.double().cpu().numpy() if self.ctx.rank == 0 else np.zeros(tuple(b.shape)) for b in bufs]
-        for b, v in zip(bufs, self.collective.allreduce_sum(mine)):
-            b.copy_(torch.as_tensor(v, dtype=b.dtype))
-
     def _recompute_batchnorm(self, module, forward, n_batches: int, batch_size: int, epoch: int) -> None:
         """End of an epoch: precise BatchNorm statistics from ``n_batches`` fixed training batches, or
         (n_batches = 0) torch's running averages made identical on every rank."""
         if n_batches == 0:
-            self._sync_batchnorm_stats(module)
+            broadcast_batchnorm_stats(module, self.collective)
             return
         batches = self.train_data.batch_index_lists(batch_size, epoch, self.cfg.seed + 11)[:n_batches]
         precise_batchnorm(module, forward, batches, self.collective)
