@@ -7,8 +7,8 @@ pulls every sample's latent code to the cluster its physics says it belongs to, 
 code alone agrees with q(c|X) (see closed_form_updates and docs/method.md). With the paper's
 q(c) = p(c|z) (model.cluster_posterior=latent) the warm-up takes q(c) from the experts (eq 19).
 
-Distribution enters only through ``ctx`` (rank, world size, device, the collective) and an
-optional DDP wrapper supplied by :mod:`pima_hpc.distributed`; every loss is a per-sample mean
+Distribution enters only through ``ctx`` (:class:`pima_hpc.runtime.Context`: rank, world size,
+device, the collective, and its DDP wrapping of the networks); every loss is a per-sample mean
 over the GLOBAL batch, so the learning rate does not depend on batch size or rank count.
 """
 
