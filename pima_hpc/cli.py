@@ -3,6 +3,7 @@
     pima train CONFIG [key=value ...]     train (both stages by default), resuming if run_dir has a checkpoint
     pima evaluate RUN_DIR                 recompute metrics and figures of a finished run
     pima show RUN_DIR                     print a run's config summary, history and metrics
+    pima predict RUN_DIR INPUT... --out DIR   clusters, posteriors, absent curves/images for new samples
     pima data ...                         build datasets (MNIST, lattice, your own data)
     pima tune CONFIG                      Ray Tune sweep
 
@@ -44,6 +45,33 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from pima_hpc.predict import predict_run
+
+    inputs = [a for a in args.inputs if not _is_override(a, args.run_dir)]
+    overrides = [a for a in args.inputs if _is_override(a, args.run_dir)]
+    summary = predict_run(args.run_dir, inputs, args.out, splits=args.split, batch_size=args.batch_size,
+                          overwrite=args.overwrite, overrides=overrides)
+    if summary.get("world_size", 1) == 1 or _rank() == 0:
+        print(f"predicted {summary['samples']} samples ({summary['readout']}; given {', '.join(summary['given'])}"
+              + (f"; predicted {', '.join(summary['predicted_curves'] + summary['generated_images'])}"
+                 if summary['predicted_curves'] or summary['generated_images'] else "")
+              + f") -> {summary['out']}")
+    return 0
+
+
+def _is_override(arg: str, run_dir: str) -> bool:
+    """``device=cpu`` and other config overrides, told apart from ``MODALITY=PATH`` inputs by the dot or
+    by being a top-level config key."""
+    key = arg.partition("=")[0]
+    return "=" in arg and ("." in key and not Path(arg.partition("=")[2]).exists() or key in ("device", "threads"))
+
+
+def _rank() -> int:
+    import os
+    return int(os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("SLURM_PROCID", 0))))
+
+
 def cmd_show(args) -> int:
     run = Path(args.run_dir)
     metrics_path = run / "metrics.json"
@@ -83,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print a run's config, history and metrics")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("predict", help="apply a trained run to new samples (any subset of its modalities)")
+    p.add_argument("run_dir", help="a run directory of `pima train`")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a dataset (.h5 or shard directory), a folder of images, .npy/.npz arrays or a .csv of "
+                        "curves; MODALITY=PATH names the modality; device=cpu-style overrides may follow")
+    p.add_argument("--out", required=True, help="output directory: clusters.csv, predictions.h5, summary.json")
+    p.add_argument("--split", action="append", default=None,
+                   help="with a dataset input: predict this split (repeatable; default every split)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction at --out")
+    p.set_defaults(func=cmd_predict)
 
     add_data_commands(sub)
     add_tune_command(sub)  # Ray itself is imported only when a sweep runs

@@ -274,7 +274,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             layer = OmegaConf.load(path)
         except Exception as exc:  # yaml errors come in many types
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            detail = " ".join(str(exc).split())  # yaml's messages span lines; an error is one line
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({detail}); fix that line") from None
         if not OmegaConf.is_dict(layer):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(layer).__name__}")
         layers.append((layer, str(path)))

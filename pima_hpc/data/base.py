@@ -87,6 +87,26 @@ class DatasetSpec:
         return [m.name for m in self.modalities]
 
 
+def spec_to_dict(spec: DatasetSpec) -> dict:
+    """A JSON-able copy of ``spec`` (kept in checkpoints, so a trained run knows its inputs' units
+    and normalisation without its training data)."""
+    return {"label_names": None if spec.label_names is None else list(spec.label_names),
+            "attrs": {k: v for k, v in spec.attrs.items() if isinstance(v, (str, int, float, bool))},
+            "modalities": [{"name": m.name, "kind": m.kind, "shape": list(m.shape),
+                            "t": None if m.t is None else np.asarray(m.t, dtype=np.float64).tolist(),
+                            "offset": float(m.offset), "scale": float(m.scale), "units": m.units,
+                            "t_units": m.t_units} for m in spec.modalities]}
+
+
+def spec_from_dict(d: dict) -> DatasetSpec:
+    """The inverse of :func:`spec_to_dict`."""
+    mods = tuple(ModalitySpec(m["name"], m["kind"], tuple(m["shape"]),
+                              None if m["t"] is None else np.asarray(m["t"], dtype=np.float64),
+                              m["offset"], m["scale"], m["units"], m["t_units"]) for m in d["modalities"])
+    labels = d.get("label_names")
+    return DatasetSpec(mods, None if labels is None else tuple(labels), dict(d.get("attrs") or {}))
+
+
 def rank_block(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """The contiguous [start, stop) block of ``n`` samples owned by ``rank`` (sizes differ by <= 1)."""
     if not 0 <= rank < world_size:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pima_hpc.config import Config, ConfigError, config_hash, save_config, to_dict
+from pima_hpc.data.base import spec_to_dict
 from pima_hpc.errors import NonFiniteError, ResumeError
 from pima_hpc.evaluation.evaluate import Evaluator
 from pima_hpc.model.elbo import cluster_distillation, crossmodal_kl
@@ -129,6 +130,7 @@ class Trainer:
             "config_hash": config_hash(self.cfg),
             "config": {k: v for k, v in to_dict(self.cfg).items() if k in ("data", "model")},  # names a mismatch
             "rng": rng_state(),
+            "spec": spec_to_dict(self.spec),  # `pima predict` needs units and normalisation, not the data
             "curve_memory": ({n: {k: torch.from_numpy(v) for k, v in st.values.items()}
                               for n, st in self.curve_memory.items()} if self.curve_memory else None),
         }
