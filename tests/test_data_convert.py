@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -188,3 +190,209 @@ def test_array_errors(tmp_path):
     with pytest.raises(DataError, match=r"leave an empty test split"):
         convert_arrays(tmp_path / "a.h5", images[:3], curves[:3], T, val_fraction=0, test_fraction=0.1)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Images from one array file (.npy / .npz / .txt), sharing the folder's writer loop
+
+
+def paired_samples(n=40, shape=(8, 8), seed=0):
+    """n images (uint8 for 2-D shapes, so they round-trip through PNG), distinct curves, 2 classes."""
+    rng = np.random.default_rng(seed)
+    images = (rng.integers(0, 256, (n, *shape)).astype(np.uint8) if len(shape) == 2
+              else rng.normal(size=(n, *shape)).astype(np.float32))
+    return images, rng.normal(size=(n, L)) + np.arange(n)[:, None], np.arange(n) % 2
+
+
+def write_folder(d, images, as_png):
+    d.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(d / f"s{i:03d}.png") if as_png else np.save(d / f"s{i:03d}.npy", img)
+    return d
+
+
+def stored(out):
+    """Everything written per split, as stored (normalised arrays, labels, truth), plus the normalisation."""
+    import h5py
+    info = describe(out, verify=True)
+    with h5py.File(out, "r") as f:
+        data = {s: {k: f[s][k][()] for k in ("image", "curve", "label", "truth/source_index")} for s in info.splits}
+    return info, data, [(m.offset, m.scale, m.shape) for m in info.spec.modalities]
+
+
+@pytest.mark.parametrize("kind, shape", [("npy", (8, 8)), ("npz", (3, 8, 8)), ("txt", (8, 8)), ("txt", (3, 8, 8)),
+                                         ("python", (3, 8, 8))])
+def test_array_file_gives_the_same_dataset_as_a_folder(tmp_path, kind, shape):
+    images, curves, labels = paired_samples(shape=shape)
+    folder = write_folder(tmp_path / "imgs", images, as_png=len(shape) == 2)
+    np.save(tmp_path / "c.npy", curves)
+    (tmp_path / "labels.txt").write_text("\n".join("ab"[k] for k in labels) + "\n")
+    common = dict(t="0:0.7", labels_file=tmp_path / "labels.txt", seed=3, val_fraction=0.2, test_fraction=0.2,
+                  progress=False)
+    ref = convert_files(tmp_path / "folder.h5", folder, tmp_path / "c.npy", **common)
+    extra = {}
+    if kind == "npy":
+        np.save(arr := tmp_path / "x.npy", images)
+    elif kind == "npz":
+        np.savez(arr := tmp_path / "x.npz", pixels=images)
+    elif kind == "txt":
+        np.savetxt(arr := tmp_path / "x.txt", images.reshape(len(images), -1), fmt="%.17g")  # exact digits
+        extra["image_shape"] = ",".join(map(str, shape))
+    if kind == "python":
+        got = convert_arrays(tmp_path / "array.h5", images, curves, T, labels, seed=3, val_fraction=0.2,
+                             test_fraction=0.2, label_names=["a", "b"])
+    else:
+        got = convert_files(tmp_path / "array.h5", arr, tmp_path / "c.npy", **extra, **common)
+    info, want, norm = stored(ref)
+    info2, have, norm2 = stored(got)
+    assert norm2 == norm and info2.spec.label_names == info.spec.label_names == ("a", "b")
+    assert {s: len(v["label"]) for s, v in have.items()} == {"train": 24, "val": 8, "test": 8}
+    for s in want:
+        for k in want[s]:
+            np.testing.assert_array_equal(have[s][k], want[s][k], err_msg=f"{s}/{k}")
+        # and both are right: stored row i is input sample source_index[i]
+        idx = have[s]["truth/source_index"]
+        phys = info2.spec["image"].to_physical(have[s]["image"].astype(np.float64))
+        np.testing.assert_allclose(phys.reshape(len(idx), *shape), images[idx], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(have[s]["label"], labels[idx])
+
+
+def test_npy_images_are_memory_mapped_and_npz_key_chosen(tmp_path):
+    from pima_hpc.data.convert import open_images
+    images, curves, _ = paired_samples(shape=(2, 8, 8))
+    np.save(tmp_path / "x.npy", images)
+    src = open_images(tmp_path / "x.npy")
+    assert isinstance(src.array, np.memmap) and len(src) == 40 and src.shape == (2, 8, 8)
+    np.testing.assert_array_equal(src.read(np.array([5, 2])), images[[5, 2]])
+    mapped = convert_arrays(tmp_path / "mapped.h5", np.load(tmp_path / "x.npy", mmap_mode="r"), curves, T)
+    assert describe(mapped, verify=True).spec["image"].shape == (2, 8, 8)
+    np.savez(tmp_path / "x.npz", curves=curves, images=images)
+    np.save(tmp_path / "c.npy", curves)
+    out = convert_files(tmp_path / "ds", tmp_path / "x.npz", tmp_path / "c.npy", images_key="images", t="0:1",
+                        shard_size=10, progress=False)
+    assert describe(out).spec["image"].shape == (2, 8, 8) and describe(out).sharded
+
+
+def test_output_is_checked_before_any_image_is_read(tmp_path, monkeypatch):
+    import pima_hpc.data.convert as conv
+    images, curves, _ = paired_samples()
+    folder = write_folder(tmp_path / "imgs", images, as_png=True)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "c.npy", curves)
+    reads = []
+    monkeypatch.setattr(conv, "read_image", lambda p: reads.append(p))
+    monkeypatch.setattr(conv, "load_image_array", lambda *a: reads.append(a))
+    monkeypatch.setattr(conv, "read_curves", lambda p: reads.append(p))
+    missing = tmp_path / "no" / "such" / "x.h5"
+    for src in (folder, tmp_path / "x.npy"):
+        with pytest.raises(DataError, match=rf"--out {missing}: parent directory {missing.parent} does not exist; "
+                                            "create it first"):
+            convert_files(missing, src, tmp_path / "c.npy", t="0:1", progress=False)
+        (tmp_path / "there.h5").write_text("")
+        with pytest.raises(DataError, match=r"there.h5 already exists; choose another --out or pass --overwrite"):
+            convert_files(tmp_path / "there.h5", src, tmp_path / "c.npy", t="0:1", progress=False)
+        with pytest.raises(DataError, match=r"a single-file dataset needs a .h5 suffix"):
+            convert_files(tmp_path / "plain", src, tmp_path / "c.npy", t="0:1", progress=False)
+        with pytest.raises(DataError, match=r"there.h5/x.h5: .*there.h5 is a file, not a directory"):
+            convert_files(tmp_path / "there.h5" / "x.h5", src, tmp_path / "c.npy", t="0:1", progress=False)
+    with pytest.raises(DataError, match=r"parent directory .* does not exist"):
+        convert_arrays(missing, images, curves, T)
+    assert reads == []
+
+
+def test_shard_directory_parents_are_created_only_once_inputs_pass(tmp_path):
+    images, curves, _ = paired_samples()
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "c.npy", curves[:-1])
+    with pytest.raises(DataError, match=r"40 images in .*x.npy but 39 curves"):
+        convert_files(tmp_path / "new" / "sub" / "ds", tmp_path / "x.npy", tmp_path / "c.npy", t="0:1",
+                      shard_size=16, progress=False)
+    assert not (tmp_path / "new").exists()
+    np.save(tmp_path / "c.npy", curves)
+    out = convert_files(tmp_path / "new" / "sub" / "ds", tmp_path / "x.npy", tmp_path / "c.npy", t="0:1",
+                        shard_size=16, progress=False)
+    assert describe(out, verify=True).sharded
+
+
+def pima(argv):
+    from pima_hpc.cli import main
+    return main(argv)
+
+
+def bad_inputs(tmp):
+    """Input files for the CLI error cases, keyed by case."""
+    images, curves, _ = paired_samples()
+    np.save(tmp / "c.npy", curves)
+    np.save(tmp / "c39.npy", curves[:39])
+    write_csv(tmp / "named.csv", curves, [f"s{i:03d}" for i in range(40)], header_t=T)
+    np.save(tmp / "flat.npy", images.reshape(40, -1))
+    np.save(tmp / "five.npy", images.reshape(40, 1, 1, 8, 8))
+    np.save(tmp / "x.npy", images)
+    np.savez(tmp / "two.npz", a=images, b=images)
+    nan = images.astype(np.float32)
+    nan[7, 3, 3] = np.nan
+    np.save(tmp / "nan.npy", nan)
+    np.savetxt(tmp / "x.txt", images.reshape(40, -1), fmt="%d")
+    (tmp / "words.txt").write_text("1 2 x\n")
+
+
+@pytest.mark.parametrize("images, extra, message", [
+    ("five.npy", [], r"five.npy: images array has shape \(40, 1, 1, 8, 8\); expected N x H x W or N x C x H x W"),
+    ("flat.npy", [], r"flat.npy: array of shape \(40, 64\) holds 64 values per sample; pass --image-shape H,W"),
+    ("x.npy", ["--curves", "{tmp}/c39.npy"],
+     r"40 images in {tmp}/x.npy but 39 curves in {tmp}/c39.npy; every sample needs both \(array rows pair in order"),
+    ("x.npy", ["--curves", "{tmp}/named.csv"],
+     r"named.csv: the curves are named \(a 'name' column\) but --images {tmp}/x.npy is an array, which pairs with "
+     r"curves by row order; drop the name column or pass a folder"),
+    ("two.npz", [], r"--images {tmp}/two.npz: holds 2 arrays \['a', 'b'\]; choose one with --images-key KEY"),
+    ("two.npz", ["--images-key", "c"], r"--images-key 'c': no such array in {tmp}/two.npz; it holds \['a', 'b'\]"),
+    ("x.npy", ["--images-key", "a"], r"--images-key 'a': only an .npz holds several arrays"),
+    ("nan.npy", [], r"nan.npy: image row 7 has non-finite values \(NaN/Inf"),
+    ("x.txt", [], r"x.txt: a text file holds one flattened image per row; pass --image-shape H,W \(or C,H,W\)"),
+    ("x.txt", ["--image-shape", "3,8,8"], r"samples of 64 values .* do not fit --image-shape 3,8,8 \(192 values\)"),
+    ("x.txt", ["--image-shape", "8"], r"--image-shape '8': expected H,W or C,H,W"),
+    ("words.txt", ["--image-shape", "1,3"], r"words.txt: not a readable .txt file"),
+    ("x.csv", [], r"x.csv: no such directory or file"),
+    ("x.npy", ["--out", "{tmp}/no/x.h5"], r"--out {tmp}/no/x.h5: parent directory {tmp}/no does not exist; create it"),
+])
+def test_array_input_errors_exit_2_with_one_line(tmp_path, capsys, images, extra, message):
+    bad_inputs(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    argv = ["data", "convert", "--images", f"{tmp_path}/{images}", "--curves", f"{tmp_path}/c.npy", "--t", "0:1",
+            "--out", f"{tmp_path}/out.h5", "--quiet", *extra]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert pima(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pima: error: "), err
+    assert re.search(message.replace("{tmp}", re.escape(str(tmp_path))), err[0]), err[0]
+    assert sorted(tmp_path.iterdir()) == before  # nothing written, no partial files left
+
+
+def test_array_file_through_the_cli(tmp_path, capsys):
+    images, curves, labels = paired_samples(shape=(3, 8, 8))
+    np.savez(tmp_path / "x.npz", imgs=images, other=curves)
+    np.savetxt(tmp_path / "c.csv", curves, delimiter=",")
+    (tmp_path / "y.txt").write_text("\n".join(map(str, labels)) + "\n")
+    out = tmp_path / "mine.h5"
+    assert pima(["data", "convert", "--images", str(tmp_path / "x.npz"), "--images-key", "imgs", "--curves",
+                 str(tmp_path / "c.csv"), "--t", "0:1", "--labels", str(tmp_path / "y.txt"), "--out", str(out),
+                 "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    info = describe(out, verify=True)
+    assert info.spec["image"].shape == (3, 8, 8) and sum(s.count for s in info.splits.values()) == 40
+    assert info.provenance["images_key"] == "imgs"
+
+
+def test_convert_functions_are_exported_by_the_package():
+    import subprocess
+    import sys
+
+    import pima_hpc.data
+    import pima_hpc.data.convert as conv
+    assert {"convert_arrays", "convert_files", "write_arrays"} <= set(pima_hpc.data.__all__)
+    assert pima_hpc.data.convert_arrays is conv.convert_arrays and pima_hpc.data.write_arrays is conv.write_arrays
+    assert pima_hpc.data.convert_files is conv.convert_files
+    # in a fresh interpreter, so an import cycle would show
+    code = "from pima_hpc.data import convert_arrays, convert_files, write_arrays; print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

@@ -5,15 +5,17 @@
   and the bounded-memory, atomic writer.
 * :mod:`~pima_hpc.data.hdf5` - :func:`open_split`, :func:`make_loader`, :func:`read_truth`.
 * Builders behind ``pima data ...``: :mod:`~pima_hpc.data.mnist`, :mod:`~pima_hpc.data.lattice`,
-  :mod:`~pima_hpc.data.convert`.
+  :mod:`~pima_hpc.data.convert` (your own data; :func:`convert_arrays`, :func:`write_arrays` and
+  :func:`convert_files` are exported here, as docs/data-format.md shows).
 """
 
 from pima_hpc.data.base import (CURVE, IMAGE, DatasetSpec, InMemorySplit, ModalitySpec, SplitReader,
                                 rank_block)
+from pima_hpc.data.convert import convert_arrays, convert_files, write_arrays
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.hdf5 import H5SplitReader, make_loader, open_split, read_truth
 from pima_hpc.data.layout import DatasetInfo, describe, list_splits, verify_dataset
 
 __all__ = ["CURVE", "IMAGE", "DataError", "DatasetInfo", "DatasetSpec", "H5SplitReader", "InMemorySplit",
-           "ModalitySpec", "SplitReader", "describe", "list_splits", "make_loader", "open_split", "rank_block",
-           "read_truth", "verify_dataset"]
+           "ModalitySpec", "SplitReader", "convert_arrays", "convert_files", "describe", "list_splits",
+           "make_loader", "open_split", "rank_block", "read_truth", "verify_dataset", "write_arrays"]

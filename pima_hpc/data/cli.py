@@ -2,7 +2,8 @@
 
     pima data mnist   --idx-dir DIR --noise {clean,noisy,STD} --out PATH
     pima data lattice --n 91 --out PATH [--shard-size K] [--seed S] [--workers W]
-    pima data convert --images DIR --curves FILE --out PATH [--t 0:1] [--labels FILE]
+    pima data convert --images DIR|FILE.npy|.npz|.txt --curves FILE --out PATH [--t 0:1] [--labels FILE]
+                      [--images-key KEY] [--image-shape H,W|C,H,W]
     pima data info    PATH [--no-verify] [--json]
 
 ``--out`` ending in .h5 writes one file; with ``--shard-size K`` it is a directory of shard
@@ -55,7 +56,8 @@ def cmd_lattice(args) -> int:
 def cmd_convert(args) -> int:
     from pima_hpc.data.convert import convert_files
     t0 = time.time()
-    out = convert_files(args.out, args.images, args.curves, t=args.t, labels_file=args.labels,
+    out = convert_files(args.out, args.images, args.curves, images_key=args.images_key,
+                        image_shape=args.image_shape, t=args.t, labels_file=args.labels,
                         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
                         curve_units=args.curve_units, t_units=args.t_units, image_units=args.image_units,
                         curve_normalisation={"min": "minmax", "zero": "zero-max"}[args.curve_offset],
@@ -155,7 +157,14 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lattice)
 
     p = sub.add_parser("convert", help="your own images + curves (CSV/NPY)")
-    p.add_argument("--images", required=True, help="folder of images (png, jpg, tif, bmp, npy)")
+    p.add_argument("--images", required=True,
+                   help="folder of images (png, jpg, tif, bmp, npy; one per sample), or one array file: .npy "
+                        "(memory-mapped) / .npz of N x H x W or N x C x H x W, or .txt of one flattened image "
+                        "per row (needs --image-shape); array rows pair with curve rows in order")
+    p.add_argument("--images-key", default=None, metavar="KEY",
+                   help="the array to use when the --images .npz holds several")
+    p.add_argument("--image-shape", default=None, metavar="H,W|C,H,W",
+                   help="unflatten each row of a .txt (or N x K .npy/.npz) into an H x W or C x H x W image")
     p.add_argument("--curves", required=True, help="curves: .csv (one row per sample) or .npy (N x L)")
     p.add_argument("--t", default=None, help="curve grid: START:STOP or a .npy/.csv file (else the CSV header)")
     p.add_argument("--labels", default=None, help="optional labels file (one per line, or name,label rows)")
