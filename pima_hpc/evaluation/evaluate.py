@@ -105,7 +105,38 @@ class Evaluator:
         metrics["cluster_weights"] = model.log_pi().exp().tolist()
         if model.amplitude_free:
             metrics["expert_amplitude"] = self.amplitude_report(self.splits["train"])
+        if self.crossmodal is not None:
+            metrics["crossmodal_quality"] = {
+                f"{src}_to_{dst}": {split: self.curve_quality(reader, src, dst) for split, reader in self.splits.items()}
+                for src in model.names for dst in model.curve_names if src != dst}
         return metrics
+
+    @torch.no_grad()
+    def curve_quality(self, reader, src: str, dst: str) -> dict:
+        """Curve ``dst`` predicted from modality ``src`` alone (MoE mean +- 2 sd, eqs 13-14) against the
+        measured one, over every point in physical units: RMSE, R^2 (1 - SSE / the spread of each grid
+        point around its mean over samples, so 0 = predicting the average curve) and the share of
+        points inside the +-2 sd band. Sums over ranks through the collective."""
+        spec = self.model.spec[dst]
+        length = spec.shape[0]
+        sums = np.zeros(3 + 2 * length)  # SSE, points inside the band, samples, per-point sum y, sum y^2
+        for batch in reader.iter_batches(self.batch_size, shuffle=False):
+            batch = to_device(batch, self.device)
+            mean, var = self.crossmodal.predict_curve(self.model, src, dst, batch[src])
+            truth = spec.to_physical(batch[dst]).double()
+            err = truth - mean.double()
+            sums[0] += float((err ** 2).sum())
+            sums[1] += float((err.abs() <= 2 * var.double().clamp_min(0).sqrt()).sum())
+            sums[2] += len(truth)
+            sums[3:3 + length] += truth.sum(0).cpu().numpy()
+            sums[3 + length:] += (truth ** 2).sum(0).cpu().numpy()
+        total = self.collective.allreduce_sum([sums])[0]
+        sse, inside, n = total[:3]
+        sy, syy = total[3:3 + length], total[3 + length:]
+        spread = float((syy - sy ** 2 / max(n, 1)).sum())
+        points = n * length
+        return {"rmse": float(np.sqrt(sse / points)), "r2": float(1.0 - sse / spread) if spread > 0 else float("nan"),
+                "coverage": float(inside / points), "n": int(n), "units": spec.units}
 
     @torch.no_grad()
     def amplitude_report(self, reader, quantiles=(0.05, 0.5, 0.95)) -> dict:
