@@ -17,9 +17,6 @@ import numpy as np
 from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
 from pima_hpc.data.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".npy")
-
-
 class RowSource:
     """Rows of one or more modalities in physical units, with per-row columns (id, split, ...)."""
 
@@ -53,28 +50,22 @@ class ArraySource(RowSource):
 
 
 class ImageFolderSource(RowSource):
-    """One image modality from a folder, one file per sample in sorted name order (ids = file stems)."""
+    """One image modality from a folder, one file per sample in sorted name order (ids = file stems),
+    read as `pima data convert` reads it."""
 
     def __init__(self, name: str, folder: Path):
-        from pima_hpc.data.convert import read_image
-        self._read_image = read_image
+        from pima_hpc.data.convert import FolderImages
+        self.images = FolderImages(folder)
         self.names, self.where = [name], str(folder)
-        self.files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images")
 
     def __len__(self):
-        return len(self.files)
+        return len(self.images)
 
     def read(self, start, stop):
-        imgs = [self._read_image(p) for p in self.files[start:stop]]
-        shapes = {im.shape for im in imgs}
-        if len(shapes) > 1:
-            raise DataError(f"{self.where}: images of shapes {sorted(shapes)} in one folder; resize them to one size")
-        return {self.names[0]: np.stack(imgs).astype(np.float64)}
+        return {self.names[0]: self.images.read(np.arange(start, stop)).astype(np.float64)}
 
     def columns(self, start, stop):
-        return {"id": [p.stem for p in self.files[start:stop]]}
+        return {"id": self.images.names[start:stop]}
 
 
 class DatasetSource(RowSource):
