@@ -19,11 +19,13 @@ setup(
         "scikit-learn>=1.3",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "tensorboard>=2.12",  # event files of every run (pima_hpc/train/tracking.py)
     ],
     extras_require={
         "mpi": ["mpich", "mpi4py>=3.1"],
         "tune": ["ray[tune,train]>=2.9"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        "mlflow": ["mlflow-skinny>=2.10"],  # logging.mlflow: URI
+        "test": ["pytest>=7", "pytest-timeout", "mlflow-skinny>=2.10"],
     },
     entry_points={"console_scripts": ["pima=pima_hpc.cli:main"]},
 )

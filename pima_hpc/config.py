@@ -151,7 +151,8 @@ class TrainConfig:
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every: int = 50
-    progress: bool = True
+    # tqdm bars on stderr: null (default) = only when stderr is a terminal, so logs stay clean; true/false force it.
+    progress: Optional[bool] = None
 
     def __post_init__(self):
         _check(self.epochs >= 0, "train.epochs", f"must be >= 0, got {self.epochs}")
@@ -214,6 +215,20 @@ class DistConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment tracking, on rank 0 (pima_hpc/train/tracking.py); history.csv is always written."""
+
+    # TensorBoard event files in run_dir/tensorboard: per-epoch scalars of both stages, figures at the end.
+    tensorboard: bool = True
+    # An MLflow tracking URI (e.g. http://host:5000, file:///path/mlruns); null = no MLflow (optional dependency).
+    mlflow: Optional[str] = None
+    mlflow_experiment: str = "pima"
+
+    def __post_init__(self):
+        _check(bool(self.mlflow_experiment), "logging.mlflow_experiment", "must be a non-empty name")
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_dir: str = "runs/default"
@@ -228,6 +243,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     crossmodal: CrossModalConfig = field(default_factory=CrossModalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
         _check(len(self.stages) >= 1, "stages", "must name at least one stage")

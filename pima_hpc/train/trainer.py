@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class Trainer:
                       "history": [], "best_val_elbo": -math.inf, "init": {}}
         self.signals = SignalFlag()
         self.nan_at_step = _injected_nan_step()
+        self.tracker = None  # rank 0's history.csv / TensorBoard / MLflow, opened by run()
 
     # ----- bookkeeping -------------------------------------------------------------------------
     @property
@@ -119,8 +121,10 @@ class Trainer:
 
     def _progress(self, total, desc):
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                    disable=not (self.is_root and self.cfg.train.progress))
+        show = self.cfg.train.progress
+        if show is None:  # a bar redrawn into a redirected log only floods it
+            show = sys.stderr.isatty()
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (self.is_root and show))
 
     def _payload(self) -> dict:
         payload = {
@@ -277,6 +281,8 @@ class Trainer:
         if self.is_root:
             log.info("%s %d/%d  %s", label, epoch, total,
                      "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            if self.tracker is not None:
+                self.tracker.epoch(self.state["history"])
         if self.report:
             self.report(stage, epoch, metrics)
 
@@ -524,6 +530,9 @@ class Trainer:
         if self._agree([float(problem is not None)])[0] > 0:  # also the barrier: every rank stops together
             raise ConfigError(f"config key 'run_dir': {problem or 'rank 0 cannot write to it'}; "
                               "choose a writable directory")
+        if self.is_root:
+            from pima_hpc.train.tracking import Tracker
+            self.tracker = Tracker(self.cfg, self.run_dir, self.state)
         self.signals.install()
         try:
             if "multimodal" in self.cfg.stages and self.state["stage"] == "multimodal":
@@ -544,21 +553,27 @@ class Trainer:
         metrics["world_size"] = self.ctx.world_size
         if self.is_root:
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+            figures = []
             if self.cfg.figures:
                 from pima_hpc.evaluation.figures import write_figures
-                write_figures(self.evaluator, metrics, self.run_dir)
+                figures = write_figures(self.evaluator, metrics, self.run_dir)
+            self.tracker.finish(metrics, figures)
         self.collective.barrier()
         return metrics
 
     def close(self) -> None:
         """Drop the networks before the process group goes (avoids a rare gloo abort at exit)."""
         self.net = self.xm_net = self.optimizer = self.xm_optimizer = None
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         gc.collect()
 
 
 def summary_line(metrics: dict) -> str:
-    parts = []
-    for key in ("multimodal", "crossmodal_image", "crossmodal_curve", "bayes_curve"):
-        if key in metrics and "test" in metrics[key]:
-            parts.append(f"{key} test acc {100 * metrics[key]['test']['accuracy']:.2f}%")
-    return "; ".join(parts)
+    """Every read-out's test accuracy, the latent clustering (``multimodal``) first: it is the headline."""
+    keys = [k for k, v in metrics.items() if isinstance(v, dict) and isinstance(v.get("test"), dict)
+            and "accuracy" in v["test"]]
+    keys.sort(key=lambda k: k != "multimodal")
+    note = {"multimodal_joint": " (incl. the experts' likelihood)"}
+    return "; ".join(f"{k}{note.get(k, '')} test acc {100 * metrics[k]['test']['accuracy']:.2f}%" for k in keys)
