@@ -100,6 +100,8 @@ class Evaluator:
         if model.spec.label_names and self.splits["train"].labels() is not None:
             for key, predict in self.predictors().items():
                 metrics[key] = self.score(predict)
+            from pima_hpc.evaluation.baselines import kmeans_baselines
+            metrics["baselines"] = kmeans_baselines(self)
         metrics["experts"] = {n: model.experts[n].describe(model.theta(n)) for n in model.curve_names}
         metrics["expert_noise_std"] = {n: model.log_noise(n).exp().sqrt().tolist() for n in model.curve_names}
         metrics["cluster_weights"] = model.log_pi().exp().tolist()

@@ -552,6 +552,9 @@ class Trainer:
         metrics["wall_seconds_this_process"] = time.perf_counter() - tic
         metrics["world_size"] = self.ctx.world_size
         if self.is_root:
+            from pima_hpc.evaluation.baselines import below_baselines
+            for warning in below_baselines(metrics):
+                log.warning("%s: that modality alone already finds these clusters (labels used for scoring only)", warning)
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
             figures = []
             if self.cfg.figures:
@@ -576,4 +579,8 @@ def summary_line(metrics: dict) -> str:
             and "accuracy" in v["test"]]
     keys.sort(key=lambda k: k != "multimodal")
     note = {"multimodal_joint": " (incl. the experts' likelihood)"}
-    return "; ".join(f"{k}{note.get(k, '')} test acc {100 * metrics[k]['test']['accuracy']:.2f}%" for k in keys)
+    line = "; ".join(f"{k}{note.get(k, '')} test acc {100 * metrics[k]['test']['accuracy']:.2f}%" for k in keys)
+    base = {k: v["test"]["accuracy"] for k, v in metrics.get("baselines", {}).items() if "test" in v}
+    if base:
+        line += " | baselines: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in base.items())
+    return line
