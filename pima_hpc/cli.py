@@ -86,6 +86,12 @@ def cmd_show(args) -> int:
             if isinstance(val, dict) and "test" in val:
                 print(f"{key:24s} test accuracy {100 * val['test']['accuracy']:.2f}%  "
                       f"NMI {val['test']['nmi']:.3f}  ARI {val['test']['ari']:.3f}")
+        for key, val in m.get("baselines", {}).items():
+            print(f"{key:24s} test accuracy {100 * val['test']['accuracy']:.2f}%  (baseline: that modality alone)")
+        for key, val in m.get("crossmodal_quality", {}).items():
+            q = val.get("test") or next(iter(val.values()))
+            print(f"{key:24s} RMSE {q['rmse']:.4g} {q['units']}  R^2 {q['r2']:.3f}  +-2 sd coverage "
+                  f"{100 * q['coverage']:.1f}%")
         print("experts:", json.dumps(m.get("experts", {}))[:2000])
     else:
         print("(no metrics.json yet: the run has not finished)")
