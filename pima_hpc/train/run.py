@@ -87,9 +87,12 @@ def evaluate_run(run_dir: str, overrides: list[str] | None = None) -> dict:
     from pima_hpc.train.checkpoint import atomic_write_text
     import json
     atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=1))
+    figures = []
     if cfg.figures:
         from pima_hpc.evaluation.figures import write_figures
         with torch.no_grad():
-            write_figures(trainer.evaluator, metrics, run)
+            figures = write_figures(trainer.evaluator, metrics, run)
+    from pima_hpc.evaluation.report import spec_units, write_report
+    write_report(run, metrics, (run / "config.yaml").read_text(), figures, spec_units(trainer.spec))
     print(summary_line(metrics) or "evaluated")
     return metrics

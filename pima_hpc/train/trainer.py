@@ -560,6 +560,9 @@ class Trainer:
             if self.cfg.figures:
                 from pima_hpc.evaluation.figures import write_figures
                 figures = write_figures(self.evaluator, metrics, self.run_dir)
+            from pima_hpc.evaluation.report import spec_units, write_report
+            write_report(self.run_dir, metrics, (self.run_dir / "config.yaml").read_text(), figures,
+                         spec_units(self.spec))
             self.tracker.finish(metrics, figures)
         self.collective.barrier()
         return metrics
