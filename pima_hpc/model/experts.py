@@ -196,6 +196,64 @@ class Affine(LinearExpert):
         return t[:, None]
 
 
+@register_expert("free")
+class FreeCurve(LinearExpert):
+    """No law: each cluster's mean curve itself, one free value per grid point (Phi = I).
+
+    With a fixed amplitude eq 17 gives the gamma-weighted mean curve S1_c / S0_c; with a free
+    amplitude, the top eigenvector of M2_c (the cluster's principal curve shape). For curves no
+    registered law fits: an honest decoder whose noise then measures the spread around the mean.
+    """
+
+    def __init__(self, t, amplitude="fixed"):
+        super().__init__(t, amplitude)
+        self.param_names = tuple(f"x{i}" for i in range(len(self.t)))
+
+    def design(self, t):
+        return np.eye(len(t))
+
+
+@register_expert("polynomial")
+class Polynomial(LinearExpert):
+    """A polynomial of ``degree`` in t (``model.expert_options: {degree: p}``), in the Legendre basis on
+    t mapped to [-1, 1] so the normal equations stay well conditioned; parameters are those Legendre
+    coefficients (c0 = the curve's mean level over the grid's span)."""
+
+    def __init__(self, t, amplitude="fixed", degree: int = 2):
+        super().__init__(t, amplitude)
+        if int(degree) != degree or not 0 <= degree < len(self.t):
+            raise ValueError(f"polynomial degree must be an integer in [0, {len(self.t) - 1}], got {degree}")
+        self.degree = int(degree)
+        self.param_names = tuple(f"c{i}" for i in range(self.degree + 1))
+
+    def design(self, t):
+        lo, hi = float(t[0]), float(t[-1])
+        return np.polynomial.legendre.legvander(2 * (t - lo) / (hi - lo) - 1, self.degree)
+
+
+@register_expert("bspline")
+class BSplineCurve(LinearExpert):
+    """A cubic (``order`` 3 by default) B-spline with ``knots`` evenly spaced interior knots over the grid
+    (``model.expert_options: {knots: k, order: 3}``); parameters are the spline coefficients (scipy's
+    BSpline basis, the same as scipy.interpolate.make_lsq_spline)."""
+
+    def __init__(self, t, amplitude="fixed", knots: int = 6, order: int = 3):
+        super().__init__(t, amplitude)
+        n_coef = int(knots) + int(order) + 1
+        if int(knots) != knots or knots < 0 or int(order) != order or order < 1 or n_coef > len(self.t):
+            raise ValueError(f"bspline needs integers knots >= 0, order >= 1 and knots + order + 1 <= {len(self.t)} "
+                             f"grid points, got knots={knots}, order={order}")
+        self.order = int(order)
+        lo, hi = float(self.t[0]), float(self.t[-1])
+        interior = np.linspace(lo, hi, int(knots) + 2)[1:-1]
+        self.knot_vector = np.concatenate([[lo] * (self.order + 1), interior, [hi] * (self.order + 1)])
+        self.param_names = tuple(f"b{i}" for i in range(n_coef))
+
+    def design(self, t):
+        from scipy.interpolate import BSpline
+        return BSpline.design_matrix(t, self.knot_vector, self.order).toarray()
+
+
 @register_expert("strain_hardening")
 class StrainHardening(Expert):
     """Linear strain hardening (Section 3.2; Jones 2009): elastic, then linear hardening.
@@ -363,7 +421,26 @@ class StrainHardening(Expert):
         return out
 
 
-def build_expert(name: str, t: np.ndarray, amplitude: str = "fixed") -> Expert:
-    if name not in EXPERTS:
-        raise ValueError(f"unknown expert {name!r}; registered experts: {sorted(EXPERTS)}")
-    return EXPERTS[name](t, amplitude)
+def resolve_expert(name: str) -> type[Expert]:
+    """The expert class behind ``model.expert``: a registered name, or ``package.module:ClassName`` (a
+    user's :class:`Expert` subclass, imported and registered under that path)."""
+    if name in EXPERTS:
+        return EXPERTS[name]
+    if ":" not in name:
+        raise ValueError(f"unknown expert {name!r}; registered experts: {sorted(EXPERTS)}, or give "
+                         "package.module:ClassName of your own Expert subclass")
+    import importlib
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"expert {name!r} cannot be imported ({exc}); check the module is on PYTHONPATH and "
+                         "names the class") from None
+    if not (isinstance(cls, type) and issubclass(cls, Expert)):
+        raise ValueError(f"expert {name!r} is not a subclass of pima_hpc.model.experts.Expert")
+    return register_expert(name)(cls) if name not in EXPERTS else EXPERTS[name]
+
+
+def build_expert(name: str, t: np.ndarray, amplitude: str = "fixed", options: dict | None = None) -> Expert:
+    """An expert on grid ``t``; ``options`` (``model.expert_options``) go to its constructor."""
+    return resolve_expert(name)(t, amplitude, **dict(options or {}))

@@ -51,7 +51,7 @@ class PIMA(nn.Module):
                                        for m in spec.modalities})
         self.decoders = nn.ModuleDict({m.name: ImageDecoder(m, cfg.decoder_channels, l)
                                        for m in spec.modalities if m.kind == IMAGE})
-        self.experts = {m.name: build_expert(cfg.expert, m.t, cfg.expert_amplitude)
+        self.experts = {m.name: build_expert(cfg.expert, m.t, cfg.expert_amplitude, cfg.expert_options)
                         for m in spec.modalities if m.kind == CURVE}
         self.amplitude_free = cfg.expert_amplitude == "free"
         # eq 9: pi = softmax(free vector)
