@@ -4,6 +4,7 @@
     pima data lattice --n 91 --out PATH [--shard-size K] [--seed S] [--workers W]
     pima data convert --images DIR|FILE.npy|.npz|.txt --curves FILE --out PATH [--t 0:1] [--labels FILE]
                       [--images-key KEY] [--image-shape H,W|C,H,W]
+    pima data fit-experts PATH [--expert NAME ...]   per-sample fit quality of every expert, a pick
     pima data info    PATH [--no-verify] [--json]
 
 ``--out`` ending in .h5 writes one file; with ``--shard-size K`` it is a directory of shard
@@ -97,6 +98,45 @@ def summarise(path, verify: bool = True) -> dict:
     return out
 
 
+def cmd_fit_experts(args) -> int:
+    """Per expert: how well it fits each training curve alone (median / 10th-percentile R^2), and a pick."""
+    from pima_hpc.data.errors import DataError
+    from pima_hpc.data.hdf5 import open_split
+    from pima_hpc.model.fit_quality import POOR_MEDIAN_R2, fit_table, recommend
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as exc:
+        raise DataError(f"--options {args.options!r} is not JSON ({exc.msg}); e.g. '{{\"polynomial\": {{\"degree\": 3}}}}'") from None
+    reader = open_split(args.path, args.split, in_memory="no")
+    curves = [m for m in reader.spec.modalities if m.t is not None and (args.modality in (None, m.name))]
+    if not curves:
+        raise DataError(f"{args.path}: no curve modality{' named ' + repr(args.modality) if args.modality else ''}; "
+                        f"it has {reader.spec.names}")
+    take = np.linspace(0, len(reader) - 1, min(args.max_samples, len(reader))).astype(int)
+    batch = reader.read_batch(reader.indices[take])
+    report = {}
+    for m in curves:
+        x = m.to_physical(batch[m.name].double().numpy())
+        try:
+            rows = fit_table(m.t, x, args.expert, options)
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"--expert/--options: {exc}") from None
+        pick = recommend(rows)
+        report[m.name] = {"samples": len(x), "experts": rows, "recommended": pick}
+        if not args.json:
+            print(f"{m.name}: per-sample fits of {len(x)} {args.split} curves ({m.units or 'no units'})")
+            print(f"  {'expert':20s} {'params':>6s} {'median R^2':>11s} {'p10 R^2':>9s}")
+            for r in rows:
+                tag = "" if r["ranked"] else "  (one value per point: fits anything, not a law)"
+                print(f"  {r['expert']:20s} {r['params']:6d} {r['median_r2']:11.4f} {r['p10_r2']:9.4f}{tag}")
+            print(f"  recommended: model.expert={pick}" if pick else
+                  f"  no law reaches median R^2 {POOR_MEDIAN_R2}: use model.expert=free (the clusters' mean curves)"
+                  " or write an expert (README, 'Adding a physics expert')")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return 0
+
+
 def cmd_info(args) -> int:
     from pima_hpc.data.layout import human_bytes
     s = summarise(args.path, verify=not args.no_verify)
@@ -130,7 +170,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Register ``data`` and its subcommands on the ``pima`` command's subparsers."""
     data = subparsers.add_parser("data", help="build and inspect datasets",
                                  description="Build multimodal HDF5 datasets and inspect them (docs/data-format.md).")
-    sub = data.add_subparsers(dest="data_command", metavar="{mnist,lattice,convert,info}")
+    sub = data.add_subparsers(dest="data_command", metavar="{mnist,lattice,convert,fit-experts,info}")
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
     p = sub.add_parser("mnist", help="multimodal MNIST from the IDX files (Section 3.1)")
@@ -177,6 +217,16 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                    help="normalise curves by (min, max) or (0, max) of the training split")
     _common(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("fit-experts", help="how well each expert fits the curves, before training")
+    p.add_argument("path", help="a .h5 dataset or a shard directory")
+    p.add_argument("--expert", action="append", default=None, help="expert to try (repeatable; default every one)")
+    p.add_argument("--options", default=None, help='JSON expert options, e.g. \'{"bspline": {"knots": 8}}\'')
+    p.add_argument("--modality", default=None, help="one curve modality (default every one)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--max-samples", type=int, default=5000, help="evenly spaced curves fitted (bounded time)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fit_experts)
 
     p = sub.add_parser("info", help="print splits, counts, modalities and metadata; verify checksums")
     p.add_argument("path", help="a .h5 dataset or a shard directory")

@@ -233,7 +233,27 @@ class Trainer:
         self.model(to_device(self.train_data.read_batch(idx), self.device), gen)
 
     # ----- the multimodal stage ----------------------------------------------------------------
+    def _check_expert_fit(self, max_curves: int = 2000) -> dict:
+        """Median per-sample R^2 of the chosen expert on (up to) ``max_curves`` of this rank's training
+        curves; rank 0 warns when the law cannot describe them (pima_hpc/model/fit_quality.py)."""
+        from pima_hpc.model.fit_quality import POOR_MEDIAN_R2, per_sample_r2
+        reader = self.train_data
+        take = np.linspace(0, len(reader) - 1, min(max_curves, len(reader))).astype(int)
+        batch = reader.read_batch(reader.indices[take])
+        out = {}
+        for name in self.model.curve_names:
+            x = self.spec[name].to_physical(batch[name].double().numpy())
+            median = float(np.median(per_sample_r2(self.model.experts[name], x)))
+            out[name] = median
+            if self.is_root and median < POOR_MEDIAN_R2:
+                log.warning("model.expert=%s fits the curves of modality %r poorly (median per-sample R^2 %.3f on %d "
+                            "training curves): compare experts with `pima data fit-experts DATA`, or use model.expert=free",
+                            self.cfg.model.expert, name, median, len(x))
+        return out
+
     def initialise(self) -> None:
+        if self.model.curve_names:
+            self._check_expert_fit()
         bs = self.eval_batch
         if self.cfg.train.init == "experts" and self.model.curve_names:
             info = em.initialise_from_experts(self.model, self.train_data, bs, self.collective, self.device,
