@@ -19,7 +19,8 @@ setup(
         "scikit-learn>=1.3",
         "matplotlib>=3.7",
         "tqdm>=4.60",
-        "tensorboard>=2.12",  # event files of every run (pima_hpc/train/tracking.py)
+        "tensorboard>=2.12",
+        "python-hostlist>=1.21",  # Slurm nodelist / tasks-per-node syntax  # event files of every run (pima_hpc/train/tracking.py)
     ],
     extras_require={
         "mpi": ["mpich", "mpi4py>=3.1"],

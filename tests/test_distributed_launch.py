@@ -171,7 +171,7 @@ def test_bare_pmix():
     (dict(TORCHRUN, MASTER_PORT="70000"), "master port 70000"),
     (dict(MPICH, PMI_SIZE="0"), "world size 0"),
     (dict(SRUN, SLURM_STEP_TASKS_PER_NODE="3x2"), "tasks-per-node"),
-    (dict(SRUN, SLURM_STEP_NODELIST="node[03-"), "nodelist.*unmatched"),
+    (dict(SRUN, SLURM_STEP_NODELIST="node[03-"), "nodelist.*unbalanced brackets"),
 ])
 def test_inconsistent_launcher_variables_are_named(env, match):
     with pytest.raises(DistributedSetupError, match=match):

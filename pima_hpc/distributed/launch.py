@@ -91,72 +91,17 @@ class LaunchInfo:
 # Slurm syntax
 
 
-_HOST_TOKEN = re.compile(r"([^\[\]]*)\[([^\[\]]*)\]")
-
-
-def _expand_ranges(spec: str, text: str) -> list[str]:
-    values = []
-    for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise ValueError(f"bad Slurm hostlist {text!r}: range {part!r} is not N or N-M")
-        lo, hi = m.group(1), m.group(2) or m.group(1)
-        if int(hi) < int(lo):
-            raise ValueError(f"bad Slurm hostlist {text!r}: range {part!r} runs backwards")
-        width = len(lo)  # "01-10" keeps the zero padding of the lower bound, as Slurm does
-        values += [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    return values
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets: "a[1,2],b" -> ["a[1,2]", "b"]."""
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise ValueError(f"bad Slurm hostlist {text!r}: nested brackets")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"bad Slurm hostlist {text!r}: unmatched ']'")
-        elif ch == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    if depth != 0:
-        raise ValueError(f"bad Slurm hostlist {text!r}: unmatched '['")
-    items.append(text[start:])
-    return items
-
-
 def parse_hostlist(text: str) -> list[str]:
-    """Expand Slurm hostlist syntax: "node[01-04,07],gpu3" -> node01..node04, node07, gpu3.
-
-    Several bracket groups in one name ("r[1-2]n[1-2]") expand to their product with the
-    rightmost group varying fastest. Zero padding follows the lower bound of each range.
-    """
-    text = text.strip()
-    if not text:
-        raise ValueError("bad Slurm hostlist '': empty")
-    hosts: list[str] = []
-    for item in _split_top_level(text):
-        item = item.strip()
-        if not item:
-            raise ValueError(f"bad Slurm hostlist {text!r}: empty host name")
-        names = [""]
-        pos = 0
-        for m in _HOST_TOKEN.finditer(item):
-            if m.start() != pos:
-                raise ValueError(f"bad Slurm hostlist {text!r}: cannot parse {item!r}")
-            prefix, spec = m.group(1), m.group(2)
-            names = [n + prefix + v for n in names for v in _expand_ranges(spec, text)]
-            pos = m.end()
-        rest = item[pos:]
-        if "[" in rest or "]" in rest:
-            raise ValueError(f"bad Slurm hostlist {text!r}: cannot parse {item!r}")
-        hosts += [n + rest for n in names]
-    return hosts
+    """Expand Slurm hostlist syntax: "node[01-04,07],gpu3" -> node01..node04, node07, gpu3 (python-hostlist,
+    which follows Slurm: zero padding of the bounds, several bracket groups as a product)."""
+    import hostlist
+    items = [t.strip() for t in re.sub(r"\[[^\]]*\]", "[]", text).split(",")]
+    if not text.strip() or not all(items):
+        raise ValueError(f"bad Slurm hostlist {text!r}: empty host name")
+    try:
+        return [h.strip() for h in hostlist.expand_hostlist(text.strip())]
+    except hostlist.BadHostlist as exc:
+        raise ValueError(f"bad Slurm hostlist {text!r}: {exc}") from None
 
 
 def first_host(nodelist: str, use_scontrol: bool = True) -> str:
@@ -179,14 +124,12 @@ def first_host(nodelist: str, use_scontrol: bool = True) -> str:
 
 
 def parse_tasks_per_node(text: str) -> list[int]:
-    """Expand SLURM_TASKS_PER_NODE syntax: "2(x3),1" -> [2, 2, 2, 1]."""
-    counts = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if not m:
-            raise ValueError(f"bad Slurm tasks-per-node {text!r}: {part!r} is not N or N(xM)")
-        counts += [int(m.group(1))] * int(m.group(2) or 1)
-    return counts
+    """Expand SLURM_TASKS_PER_NODE syntax: "2(x3),1" -> [2, 2, 2, 1] (python-hostlist)."""
+    import hostlist
+    try:
+        return [int(n) for n in hostlist.parse_slurm_tasks_per_node(text.strip())]
+    except (hostlist.BadHostlist, ValueError) as exc:
+        raise ValueError(f"bad Slurm tasks-per-node {text!r}: {exc}; expected N or N(xM), comma-separated") from None
 
 
 def slurm_master_port(job_id: int, step_id: int = 0) -> int:
