@@ -84,3 +84,27 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert img.shape == (2400, 1200)
     # not blank: text and figures darken a real share of the page, and the top has the title
     assert (img < 128).mean() > 0.01 and img[:150].std() > 10
+
+
+def test_optional_sections_from_plain_metrics(tmp_path):
+    """No training: baselines under their own group, the free-amplitude table, and no invented world
+    size or wall time when metrics (as after `pima evaluate`) lack them; missing history keys are skipped."""
+    from pima_hpc.evaluation.report import write_report
+    split = {"accuracy": 0.5, "nmi": 0.4, "ari": 0.3, "n": 10}
+    metrics = {"multimodal": {"test": split, "train": split},
+               "baselines": {"gmm<x>": {"test": split}},
+               "experts": {"curve": {"slope": [1.0, 2.0]}}, "cluster_weights": [0.5, 0.5],
+               "expert_amplitude": {"curve": [{"cluster": 0, "n": 3, "mean": 1.0, "sd": 0.1, "q05": 0.9,
+                                               "q50": 1.0, "q95": 1.1, "slope": {"q05": 0.9, "q50": 1.0, "q95": 1.1}},
+                                              {"cluster": 1, "n": 0}]},
+               "history": [{"epoch": 1, "train_elbo": -3.0}, {"epoch": 2, "train_elbo": -2.0}]}
+    path = write_report(tmp_path, metrics, "a: 1", [], {"curve": {"units": "V", "t_units": "ms"}})
+    text = path.read_text()
+    assert path == tmp_path / "report.html"
+    tags = _Tags()
+    tags.feed(text)
+    assert not tags.stack and len(tags.imgs) == 1  # only the ELBO panel: no val/cross-modal keys
+    assert "<tr class='group'><td colspan='8'>baselines</td></tr><tr><td>gmm&lt;x&gt;</td>" in text
+    assert "per-sample amplitude" in text and "0.9 / 1 / 1.1" in text
+    assert "curve units V, t units ms" in text
+    assert "world size" not in text and "wall time" not in text

@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from pima_hpc.train.checkpoint import atomic_write_text  # noqa: E402
 
@@ -23,7 +24,9 @@ REPORT_NAME = "report.html"
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f2f2f2}td:first-child,th:first-child,td:nth-child(2){text-align:left}tr.head td{font-weight:bold;background:#eef6ff}
+th{background:#f2f2f2}td{white-space:nowrap}
+td:first-child,th:first-child,td:nth-child(2),th:nth-child(2){text-align:left}td:nth-child(2){white-space:normal}tr.head td{font-weight:bold;background:#eef6ff}
+tr.group td{font-style:italic;background:#fafafa;text-align:left}
 figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:.8em;color:#555}
 img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}.note{color:#666;font-size:.9em}"""
 
@@ -76,7 +79,11 @@ def _readout_table(metrics: dict) -> str:
         return "<p class='note'>No labels: no read-out scores.</p>"
     out = ["<table><tr><th>read-out</th><th>meaning</th><th>test acc</th><th>test NMI</th><th>test ARI</th>"
            "<th>val acc</th><th>train acc</th><th>test n</th></tr>"]
+    group_shown = ""
     for group, key, m in rows:
+        if group != group_shown:
+            out.append(f"<tr class='group'><td colspan='8'>{_esc(group)}s</td></tr>")
+            group_shown = group
         test = m.get("test", {})
         cls = " class='head'" if key == "multimodal" else ""
         out.append(f"<tr{cls}><td>{_esc(key)}</td><td>{_esc(_note(key))}</td><td>{_pct(test)}</td>"
@@ -102,6 +109,7 @@ def _history_figures(history: list[dict]) -> list[tuple[str, str]]:
             pts = [(h["epoch"], h[k]) for h in entries if k in h]
             ax.plot(*zip(*pts), marker="o", ms=3, label=k)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -129,6 +137,25 @@ def _experts_table(metrics: dict, units: dict) -> str:
     return "".join(out)
 
 
+def _amplitude_table(metrics: dict) -> str:
+    """metrics["expert_amplitude"] (free amplitude only): per curve and cluster, the samples' profiled
+    amplitudes a_d and the scale parameters they imply (a_d * theta_c), as quantiles."""
+    out = []
+    for curve, rows in (metrics.get("expert_amplitude") or {}).items():
+        scale = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict)})
+        out.append(f"<h3>{_esc(curve)}: per-sample amplitude</h3><table><tr><th>cluster</th><th>n</th>"
+                   "<th>mean</th><th>sd</th><th>q05 / q50 / q95</th>"
+                   + "".join(f"<th>{_esc(p)} = a theta, q05 / q50 / q95</th>" for p in scale) + "</tr>")
+        for r in rows:
+            qs = lambda d: " / ".join(f"{d[q]:.4g}" for q in ("q05", "q50", "q95") if q in d)  # noqa: E731
+            num = lambda k: f"{r[k]:.4g}" if isinstance(r.get(k), (int, float)) else ""  # noqa: E731
+            out.append(f"<tr><td>{_esc(r.get('cluster', ''))}</td><td>{_esc(r.get('n', ''))}</td><td>{num('mean')}"
+                       f"</td><td>{num('sd')}</td><td>{qs(r)}</td>"
+                       + "".join(f"<td>{qs(r.get(p, {}))}</td>" for p in scale) + "</tr>")
+        out.append("</table>")
+    return "".join(out)
+
+
 def _quality_table(metrics: dict) -> str:
     q = metrics.get("crossmodal_quality")
     if not q:
@@ -147,8 +174,9 @@ def render_report(run_dir, metrics: dict, config_text: str, figures: list[str], 
     """The report as one HTML string (see the module docstring)."""
     run_dir = Path(run_dir)
     wall = metrics.get("wall_seconds_this_process")
-    head = (f"world size {metrics.get('world_size', 1)}" + (f", {wall:.0f} s" if wall is not None else "")
-            + f", written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    head = ", ".join([f"written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
+                     + ([f"world size {metrics['world_size']}"] if "world_size" in metrics else [])
+                     + ([f"wall time {wall:.0f} s (this process)"] if wall is not None else []))
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>PIMA run {_esc(run_dir.name)}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>PIMA run <code>{_esc(run_dir.name)}</code></h1><p class='note'>{_esc(str(run_dir))}: {_esc(head)}</p>",
@@ -156,7 +184,7 @@ def render_report(run_dir, metrics: dict, config_text: str, figures: list[str], 
              "<h2>Training</h2>"]
     parts += [f"<figure><img alt='{_esc(t)}' src='{src}'><figcaption>{_esc(t)}</figcaption></figure>"
               for t, src in _history_figures(metrics.get("history", []))]
-    parts += ["<h2>Experts</h2>", _experts_table(metrics, units or {}),
+    parts += ["<h2>Experts</h2>", _experts_table(metrics, units or {}), _amplitude_table(metrics),
               "<h2>Cross-modal quality (curve from another modality alone)</h2>", _quality_table(metrics),
               "<h2>Figures</h2>"]
     parts += [f"<figure><img alt='{_esc(Path(p).name)}' src='{_png(p)}'><figcaption>{_esc(Path(p).name)}</figcaption>"
