@@ -43,3 +43,18 @@ class Collective:
     def close(self) -> None:
         """Release communication resources (a no-op on one process)."""
 
+
+def gather_subsample(collective, rows: np.ndarray, max_rows: int) -> np.ndarray:
+    """Evenly spaced rows of every rank (at most ``max_rows`` in total), the same array on every rank.
+
+    A sum of zero-padded per-rank slots through the one collective; slots are as large as the
+    fullest rank's share, not ``max_rows``.
+    """
+    world, rank = collective.world_size, collective.rank
+    share = max(1, max_rows // world)
+    take = np.linspace(0, len(rows) - 1, min(share, len(rows))).astype(int) if len(rows) else np.zeros(0, int)
+    counts = collective.allreduce_sum([np.eye(world)[rank] * len(take)])[0].astype(int)
+    slots = np.zeros((world, int(counts.max()), rows.shape[1]))
+    slots[rank, :len(take)] = rows[take]
+    summed = collective.allreduce_sum([slots])[0]
+    return np.concatenate([summed[r, :counts[r]] for r in range(world)])

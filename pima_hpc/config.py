@@ -44,9 +44,15 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # Train on these modalities only (null: all). One modality is PIMA without fusion (VaDE on images
+    # alone); the cross-modal stage is then skipped.
+    modalities: Optional[list[str]] = None
 
     def __post_init__(self):
         _choice(self.source, "data.source", ("digits", "hdf5"))
+        _check(self.modalities is None or (len(self.modalities) >= 1 and len(set(self.modalities)) ==
+                                           len(self.modalities)), "data.modalities",
+               f"must be null or a list of distinct modality names, got {self.modalities}")
         _check(self.source != "hdf5" or bool(self.path), "data.path", "is required when data.source=hdf5")
         _check(self.curve_noise >= 0, "data.curve_noise", f"must be >= 0, got {self.curve_noise}")
         _check(self.curve_points >= 4, "data.curve_points", f"must be >= 4, got {self.curve_points}")
@@ -71,6 +77,11 @@ class ModelConfig:
     # per-sample amplitude a_d profiled out in closed form, so clusters group curves by shape, not
     # by scale (pima_hpc.model.experts; docs/method.md "Scale-free experts").
     expert_amplitude: str = "fixed"
+    # Observation variance of image modalities (eq 12): "unit" (the paper's N(G(z), I)) or "learned"
+    # (closed form each epoch: the mean squared residual at z = mu, floored at image_noise_floor^2), so
+    # an image's likelihood is not fixed by its units and pixel count against the curves'.
+    image_noise: str = "unit"
+    image_noise_floor: float = 0.01
     # "learned": sigma_hat_c^2 from the weighted residuals each epoch; "fixed": expert_noise_std.
     expert_noise: str = "learned"
     expert_noise_std: float = 1.0
@@ -94,6 +105,8 @@ class ModelConfig:
         _choice(self.cluster_init_layout, "model.cluster_init_layout", ("spread", "physics"))
         _choice(self.cluster_posterior, "model.cluster_posterior", ("joint", "latent"))
         _choice(self.expert_noise, "model.expert_noise", ("learned", "fixed"))
+        _choice(self.image_noise, "model.image_noise", ("unit", "learned"))
+        _check(self.image_noise_floor > 0, "model.image_noise_floor", "must be > 0")
         _check(self.expert_noise_std > 0, "model.expert_noise_std", "must be > 0")
         _check(self.expert_noise_floor > 0, "model.expert_noise_floor", "must be > 0")
         from pima_hpc.model.experts import AMPLITUDES, build_expert
@@ -138,6 +151,8 @@ class TrainConfig:
     warmup_agreement: float = 0.98
     # Cluster initialisation: k-means++ on per-sample expert fits ("experts") or random ("random").
     init: str = "experts"
+    # train.init=pretrain: epochs of autoencoder pre-training before the latent Gaussian mixture is fitted.
+    pretrain_epochs: int = 5
     # Optional EM updates of the cluster variances and weights (from sum gamma*mu^2).
     em_variances: bool = True
     # One spherical variance shared by all clusters (robust latent-only assignment) or diagonal per cluster.
@@ -169,7 +184,8 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
         _check(self.max_warmup_epochs >= self.warmup_epochs, "train.max_warmup_epochs", "must be >= train.warmup_epochs")
         _check(0.0 <= self.warmup_agreement <= 1.0, "train.warmup_agreement", "must be in [0, 1]")
-        _choice(self.init, "train.init", ("experts", "random"))
+        _choice(self.init, "train.init", ("experts", "random", "pretrain"))
+        _check(self.pretrain_epochs >= 0, "train.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")
         _check(self.ridge >= 0, "train.ridge", "must be >= 0")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = no cap)")

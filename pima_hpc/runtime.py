@@ -56,6 +56,15 @@ class Context:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids)
 
+    def average_gradients(self, params) -> None:
+        """Average ``params``' gradients over ranks (what DDP does), for a stage trained outside DDP."""
+        if self.world_size <= 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+
     def close(self, wait: Optional[bool] = None) -> None:
         """Leave the process group in the order that avoids gloo's rare abort at exit.
 

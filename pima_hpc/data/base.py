@@ -70,8 +70,8 @@ class DatasetSpec:
     attrs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if len(self.modalities) < 2:
-            raise ValueError(f"PIMA needs at least 2 modalities, got {len(self.modalities)}")
+        if len(self.modalities) < 1:  # one modality is PIMA without fusion: VaDE on images alone
+            raise ValueError("a dataset needs at least one modality")
         names = [m.name for m in self.modalities]
         if len(set(names)) != len(names):
             raise ValueError(f"modality names must be unique, got {names}")
@@ -197,6 +197,34 @@ class SplitReader:
         """This rank's labels in ``self.indices`` order, or None if the split has none."""
         lab = self._read(self.indices).get("label")
         return None if lab is None else np.asarray(lab, dtype=np.int64)
+
+
+class ModalitySubset:
+    """A reader that shows only some of its dataset's modalities (``data.modalities``), e.g. the images
+    alone for one-modality clustering; everything else (rank blocks, batch plans) is the reader's own."""
+
+    def __init__(self, reader: SplitReader, names: Sequence[str]):
+        missing = [n for n in names if n not in reader.spec.names]
+        if missing:
+            raise ValueError(f"no modality {missing[0]!r}; the dataset has {reader.spec.names}")
+        self._reader = reader
+        self.spec = DatasetSpec(tuple(m for m in reader.spec.modalities if m.name in names),
+                                reader.spec.label_names, reader.spec.attrs)
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def read_batch(self, global_indices: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = self._reader.read_batch(global_indices)
+        return {k: v for k, v in batch.items() if k in ("label", "index") or k in self.spec.names}
+
+    def iter_batches(self, batch_size: int, epoch: int = 0, seed: int = 0,
+                     shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        for idx in self._reader.batch_index_lists(batch_size, epoch, seed, shuffle):
+            yield self.read_batch(idx)
 
 
 class InMemorySplit(SplitReader):

@@ -16,26 +16,11 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
+from pima_hpc.collective import gather_subsample
 from pima_hpc.data.base import IMAGE
 
 PCA_COMPONENTS = 50
 GATHER_BYTES = 1 << 28  # cap on the gathered subsample (rows x features x 8 bytes)
-
-
-def gather_subsample(collective, rows: np.ndarray, max_rows: int) -> np.ndarray:
-    """Evenly spaced rows of every rank (at most ``max_rows`` in total), the same array on every rank.
-
-    A sum of zero-padded per-rank slots through the one collective; slots are as large as the
-    fullest rank's share, not ``max_rows``.
-    """
-    world, rank = collective.world_size, collective.rank
-    share = max(1, max_rows // world)
-    take = np.linspace(0, len(rows) - 1, min(share, len(rows))).astype(int) if len(rows) else np.zeros(0, int)
-    counts = collective.allreduce_sum([np.eye(world)[rank] * len(take)])[0].astype(int)
-    slots = np.zeros((world, int(counts.max()), rows.shape[1]))
-    slots[rank, :len(take)] = rows[take]
-    summed = collective.allreduce_sum([slots])[0]
-    return np.concatenate([summed[r, :counts[r]] for r in range(world)])
 
 
 def _features(batch: dict, name: str) -> np.ndarray:

@@ -105,6 +105,8 @@ class Evaluator:
         metrics["experts"] = {n: model.experts[n].describe(model.theta(n)) for n in model.curve_names}
         metrics["expert_noise_std"] = {n: model.log_noise(n).exp().sqrt().tolist() for n in model.curve_names}
         metrics["cluster_weights"] = model.log_pi().exp().tolist()
+        metrics["image_noise_std"] = {n: float(getattr(model, f"log_recon_var_{n}").exp().sqrt())
+                                      for n in model.image_names}
         if model.amplitude_free:
             metrics["expert_amplitude"] = self.amplitude_report(self.splits["train"])
         if self.crossmodal is not None:

@@ -115,10 +115,12 @@ def profiled_expert_log_likelihood(x: torch.Tensor, shapes: torch.Tensor, log_no
     return -0.5 * (n * (LOG_2PI + log_noise_var) + sq * torch.exp(-log_noise_var))
 
 
-def gaussian_recon_log_likelihood(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """log N(X_i; mu_hat_i, I) for a data-driven modality (eq 12, unit variance as in ERRATA 3): (B,)."""
+def gaussian_recon_log_likelihood(x: torch.Tensor, x_hat: torch.Tensor, log_var=0.0) -> torch.Tensor:
+    """log N(X_i; mu_hat_i, sigma^2 I) for a data-driven modality (eq 12): (B,). ``log_var`` = 0 is the
+    unit variance ERRATA 3's form implies; ``model.image_noise: learned`` passes a calibrated one."""
     d = (x - x_hat).flatten(1)
-    return -0.5 * (d.shape[1] * LOG_2PI + (d ** 2).sum(-1))
+    log_var = torch.as_tensor(log_var, dtype=d.dtype, device=d.device)
+    return -0.5 * (d.shape[1] * (LOG_2PI + log_var) + (d ** 2).sum(-1) * torch.exp(-log_var))
 
 
 def moe_mean_var(weights: torch.Tensor, expert_means: torch.Tensor, noise_var: torch.Tensor,

@@ -60,6 +60,8 @@ class PIMA(nn.Module):
         self.register_buffer("cluster_means", spread_points(c, l, cfg.cluster_init_scale))
         self.cluster_logvars = nn.Parameter(torch.zeros(c, l))
         init_noise = float(np.log(cfg.expert_noise_std ** 2))
+        for name in self.image_names:  # sigma^2 of eq 12: 1 (the paper) or set in closed form (image_noise: learned)
+            self.register_buffer(f"log_recon_var_{name}", torch.zeros(()))
         for name, expert in self.experts.items():
             self.register_buffer(f"theta_{name}", torch.zeros(c, expert.n_params, dtype=torch.float64))
             self.register_buffer(f"log_noise_{name}", torch.full((c,), init_noise))
@@ -99,6 +101,13 @@ class PIMA(nn.Module):
         """Each curve's profiled amplitude under every cluster's shape (1 = the cluster's typical curve): (B, C)."""
         shift = self.curve_shift(name)
         return elbo.profiled_amplitude(x + shift, self.expert_curves(name) + shift)
+
+    def recon_log_likelihood(self, name: str, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """log p(X_i | z) of image modality ``name`` (eq 12) with its observation variance: (B,)."""
+        return elbo.gaussian_recon_log_likelihood(x, x_hat, getattr(self, f"log_recon_var_{name}"))
+
+    def set_recon_variance(self, name: str, var: float) -> None:
+        getattr(self, f"log_recon_var_{name}").fill_(float(np.log(var)))
 
     def log_pi(self) -> torch.Tensor:
         return torch.log_softmax(self.pi_logits, dim=0)
@@ -179,7 +188,7 @@ class PIMA(nn.Module):
         log_pi = self.log_pi()
         terms = {"recon": torch.zeros_like(mu[:, 0]), "expert": torch.zeros_like(mu[:, 0])}
         for name in self.image_names:
-            terms["recon"] = terms["recon"] + elbo.gaussian_recon_log_likelihood(batch[name], self.decoders[name](z))
+            terms["recon"] = terms["recon"] + self.recon_log_likelihood(name, batch[name], self.decoders[name](z))
         for name in self.curve_names:
             ll = self.curve_log_likelihood(name, batch[name])
             terms["expert"] = terms["expert"] + (gamma * ll).sum(-1)

@@ -216,3 +216,28 @@ def anchors_from_centres(centres: np.ndarray, latent_dim: int, min_distance: flo
     d = np.linalg.norm(proj[:, None] - proj[None], axis=-1)
     closest = d[~np.eye(len(x), dtype=bool)].min()
     return proj * (min_distance / max(closest, 1e-12))
+
+
+@torch.no_grad()
+def update_image_noise(model: PIMA, reader, batch_size: int, collective, device) -> dict[str, float]:
+    """model.image_noise: learned: sigma^2 of each image modality = its mean squared residual per pixel at
+    z = mu over the training split (the closed-form maximiser of eq 12 at the posterior mean), floored.
+
+    Residual sums go through the collective, so every rank sets the same variance.
+    """
+    names = model.image_names
+    sums = np.zeros(2 * len(names))
+    for batch in reader.iter_batches(batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        mu, _ = model.encode(batch)
+        for i, n in enumerate(names):
+            d = (batch[n] - model.decoders[n](mu)).flatten(1).double()
+            sums[2 * i] += float((d ** 2).sum())
+            sums[2 * i + 1] += d.numel()
+    sums = collective.allreduce_sum([sums])[0]
+    out = {}
+    for i, n in enumerate(names):
+        var = max(sums[2 * i] / max(sums[2 * i + 1], 1.0), model.cfg.image_noise_floor ** 2)
+        model.set_recon_variance(n, var)
+        out[n] = float(np.sqrt(var))
+    return out

@@ -88,6 +88,14 @@ class Trainer:
         self.val_data = open_run_split(cfg.data, "val", rank, world) if has_split(cfg.data, "val") else None
         self.test_data = open_run_split(cfg.data, "test", rank, world) if has_split(cfg.data, "test") else None
         self.spec = self.train_data.spec
+        self.stages = list(cfg.stages)
+        if len(self.spec.names) == 1 and "crossmodal" in self.stages:
+            # one modality: its cross-modal encoder would be the multimodal one again
+            log.info("one modality (%s): PIMA without fusion; the cross-modal stage is skipped", self.spec.names[0])
+            self.stages.remove("crossmodal")
+        if not self.stages:
+            raise ConfigError("config key 'stages': with one modality only the multimodal stage exists; "
+                              "set stages=[multimodal]")
 
         self.model = PIMA(self.spec, cfg.model).to(self.device)
         if cfg.train.sync_batchnorm and world > 1:
@@ -258,12 +266,26 @@ class Trainer:
         if self.cfg.train.init == "experts" and self.model.curve_names:
             info = em.initialise_from_experts(self.model, self.train_data, bs, self.collective, self.device,
                                               self.cfg.seed)
+        elif self.cfg.train.init == "pretrain":
+            from pima_hpc.train.pretrain import fit_latent_mixture, pretrain_autoencoder
+            t = self.cfg.train
+            losses = pretrain_autoencoder(self.model, self.train_data, self.ctx, t.pretrain_epochs, t.batch_size,
+                                          t.lr, self.cfg.seed)
+            info = {"pretrain_losses": losses,
+                    **fit_latent_mixture(self.model, self.train_data, bs, self.collective, self.device, self.cfg.seed)}
+            latent, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
+            if curves:  # the experts from the mixture's responsibilities (eq 17)
+                em.apply_expert_solve(self.model, curves, t.ridge, self.cfg.model.expert_noise,
+                                      self.cfg.model.expert_noise_floor)
         else:
             latent, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
             if curves:
                 em.apply_expert_solve(self.model, curves, self.cfg.train.ridge, self.cfg.model.expert_noise,
                                       self.cfg.model.expert_noise_floor)
             info = {}
+        if self.cfg.model.image_noise == "learned" and self.model.image_names:
+            info["image_noise_std"] = em.update_image_noise(self.model, self.train_data, bs, self.collective,
+                                                            self.device)
         self.state["initialized"] = True
         self.state["init"] = info
 
@@ -277,6 +299,8 @@ class Trainer:
         otherwise the means go back to their anchors, at most until ``max_warmup_epochs``.
         """
         t = self.cfg.train
+        if self.cfg.model.image_noise == "learned" and self.model.image_names:
+            em.update_image_noise(self.model, self.train_data, self.eval_batch, self.collective, self.device)
         latent, curves = em.em_pass(self.model, self.train_data, self.eval_batch, self.collective, self.device,
                                     self.curve_memory, t.rls_forgetting)
         em.apply_expert_solve(self.model, curves, t.ridge, self.cfg.model.expert_noise,
@@ -420,7 +444,7 @@ class Trainer:
             if t.epochs == 0:  # no epoch ran its closed-form pass: make the experts match the data
                 self.state["warm"] = False
                 self.closed_form_updates()
-            self.state["stage"] = "crossmodal" if "crossmodal" in self.cfg.stages else "done"
+            self.state["stage"] = "crossmodal" if "crossmodal" in self.stages else "done"
             self.state["epoch"], self.state["step"] = 0, 0
             self.save()
 
@@ -524,13 +548,13 @@ class Trainer:
                    "crossmodal": sum(h.get("stage") == "crossmodal" for h in history)}
         asked = {"multimodal": ("train.epochs", self.cfg.train.epochs),
                  "crossmodal": ("crossmodal.epochs", self.cfg.crossmodal.epochs)}
-        more = [f"{asked[s][0]}={asked[s][1]} but it trained {trained[s]}" for s in self.cfg.stages
+        more = [f"{asked[s][0]}={asked[s][1]} but it trained {trained[s]}" for s in self.stages
                 if asked[s][1] > trained[s] and (s == "multimodal" or self.crossmodal is not None)]
         if more:
             raise ResumeError(f"run directory {str(self.run_dir)!r} holds a finished run ({'; '.join(more)}); "
                               "a finished run is not extended: use a new run_dir, or ask for at most the "
                               "epochs it trained to re-evaluate it")
-        if not ("crossmodal" in self.cfg.stages and self.crossmodal is None):
+        if not ("crossmodal" in self.stages and self.crossmodal is None):
             log.info("run directory %s holds a finished run: evaluating it again", self.run_dir)
 
     def run(self) -> dict:
@@ -555,12 +579,12 @@ class Trainer:
             self.tracker = Tracker(self.cfg, self.run_dir, self.state)
         self.signals.install()
         try:
-            if "multimodal" in self.cfg.stages and self.state["stage"] == "multimodal":
+            if "multimodal" in self.stages and self.state["stage"] == "multimodal":
                 self.fit_multimodal()
             elif self.state["stage"] == "multimodal":
                 raise ResumeError(f"stage 'crossmodal' needs a trained multimodal model in {str(self.run_dir)!r}; "
                                   "run with stages=[multimodal,crossmodal] first")
-            if "crossmodal" in self.cfg.stages and self.state["stage"] in ("crossmodal", "done"):
+            if "crossmodal" in self.stages and self.state["stage"] in ("crossmodal", "done"):
                 if self.state["stage"] == "done" and self.crossmodal is None:
                     self.state["stage"], self.state["epoch"], self.state["step"] = "crossmodal", 0, 0
                 self.fit_crossmodal()
