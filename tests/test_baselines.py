@@ -12,7 +12,8 @@ from sklearn.decomposition import PCA
 from pima_hpc.collective import Collective
 from pima_hpc.config import ModelConfig
 from pima_hpc.data.digits import open_digits_split
-from pima_hpc.evaluation.baselines import below_baselines, gather_subsample, kmeans_baselines
+from pima_hpc.collective import gather_subsample
+from pima_hpc.evaluation.baselines import below_baselines, kmeans_baselines
 from pima_hpc.evaluation.evaluate import Evaluator
 from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label, table_metrics
 from pima_hpc.model.pima import PIMA
