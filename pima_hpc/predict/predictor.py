@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from pima_hpc.data.base import IMAGE
 from pima_hpc.errors import UserError
 from pima_hpc.predict.trained import TrainedRun
 
@@ -76,8 +75,7 @@ class Predictor:
             z, _ = model.encode(full, None if not self.absent else mask)
             log_post = model.log_responsibilities(z)
             curves = {d: model.predict_curve(d, log_post.exp()) for d in self.absent_curves}
-        images = {n: model.spec[n].to_physical(model.decoders[n](z)) for n in self.absent_images
-                  if model.spec[n].kind == IMAGE}
+        images = {n: model.spec[n].to_physical(model.decoders[n](z)) for n in self.absent_images}
         return {"log_posterior": log_post, "cluster": log_post.argmax(-1),
                 "curves": {d: (mean, var.clamp_min(0).sqrt()) for d, (mean, var) in curves.items()},
                 "images": images}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from pima_hpc.collective import gather_subsample
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.statistics import (StreamingStatistics, curve_statistics, expert_noise_variance,
                                        latent_statistics, m_step_means, m_step_tied_variance, m_step_variances,
@@ -158,14 +159,7 @@ def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, de
         fits.append(np.concatenate([model.experts[n].cluster_features(model.experts[n].fit_samples(
             model.spec[n].to_physical(batch[n].double().numpy()))) for n in names], axis=1))
     fits = np.concatenate(fits)
-    world, rank = collective.world_size, collective.rank
-    per_rank = max(1, max_fit_samples // world)
-    take = np.linspace(0, len(fits) - 1, min(per_rank, len(fits))).astype(int)
-    slots = np.zeros((world, per_rank, fits.shape[1] + 1))
-    slots[rank, :len(take), :-1] = fits[take]
-    slots[rank, :len(take), -1] = 1.0  # marks filled rows
-    gathered = collective.allreduce_sum([slots])[0].reshape(-1, fits.shape[1] + 1)
-    sample = gathered[gathered[:, -1] > 0.5, :-1]
+    sample = gather_subsample(collective, fits, max_fit_samples)
     center, spread = sample.mean(0), sample.std(0) + 1e-12
     kmeans = KMeans(n_clusters=model.cfg.n_clusters, n_init=10, random_state=seed).fit((sample - center) / spread)
     assign = kmeans.predict((fits - center) / spread)

@@ -45,7 +45,7 @@ def pretrain_autoencoder(model, reader, ctx, epochs: int, batch_size: int, lr: f
             (loss * ctx.world_size).backward()
             ctx.average_gradients(params)
             optimizer.step()
-            total += float(loss.detach()) * 1.0
+            total += float(loss.detach())  # this rank's share of the global per-sample mean
         losses.append(float(ctx.collective.allreduce_sum([np.array([total])])[0][0]) / max(1, len(counts)))
         if ctx.is_root:
             log.info("pre-training %d/%d  recon loss per sample %.4g", epoch + 1, epochs, losses[-1])
