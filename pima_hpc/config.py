@@ -109,7 +109,9 @@ class ModelConfig:
         _check(self.image_noise_floor > 0, "model.image_noise_floor", "must be > 0")
         _check(self.expert_noise_std > 0, "model.expert_noise_std", "must be > 0")
         _check(self.expert_noise_floor > 0, "model.expert_noise_floor", "must be > 0")
-        from pima_hpc.model.experts import AMPLITUDES, build_expert
+        from pima_hpc.model.experts import AMPLITUDES, EXPERTS, build_expert
+        if ":" not in self.expert:  # package.module:ClassName is imported below
+            _choice(self.expert, "model.expert", sorted(EXPERTS))
         _choice(self.expert_amplitude, "model.expert_amplitude", AMPLITUDES)
         try:  # on a stand-in grid: names, import paths and options are checked before any data is read
             import numpy as np

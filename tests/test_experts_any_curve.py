@@ -95,7 +95,7 @@ def test_user_expert_by_import_path(tmp_path, monkeypatch):
     (["model.expert=bspline", "model.expert_options={knot: 3}"], "unexpected keyword"),
     (["model.expert=nowhere.mod:Law"], "cannot be imported"),
     (["model.expert=math:pi"], "not a subclass"),
-    (["model.expert=spline"], "registered experts"),
+    (["model.expert=spline"], "config key 'model.expert': must be one of"),
 ])
 def test_bad_expert_configs_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
