@@ -44,14 +44,15 @@ class Collective:
         """Release communication resources (a no-op on one process)."""
 
 
-def gather_subsample(collective, rows: np.ndarray, max_rows: int) -> np.ndarray:
-    """Evenly spaced rows of every rank (at most ``max_rows`` in total), the same array on every rank.
+def gather_subsample(collective, rows: np.ndarray, max_rows: int | None = None) -> np.ndarray:
+    """Every rank's rows in rank order (or evenly spaced ones, at most ``max_rows`` in total), the same
+    array on every rank.
 
     A sum of zero-padded per-rank slots through the one collective; slots are as large as the
     fullest rank's share, not ``max_rows``.
     """
     world, rank = collective.world_size, collective.rank
-    share = max(1, max_rows // world)
+    share = len(rows) if max_rows is None else max(1, max_rows // world)
     take = np.linspace(0, len(rows) - 1, min(share, len(rows))).astype(int) if len(rows) else np.zeros(0, int)
     counts = collective.allreduce_sum([np.eye(world)[rank] * len(take)])[0].astype(int)
     slots = np.zeros((world, int(counts.max()), rows.shape[1]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pima_hpc.collective import gather_subsample
 from pima_hpc.evaluation.metrics import contingency, fit_cluster_to_label, table_metrics
 from pima_hpc.runtime import to_device
 
@@ -180,10 +181,5 @@ class Evaluator:
         return out
 
     def gather_rows(self, local: np.ndarray) -> np.ndarray:
-        """Every rank's 1-D array concatenated in rank order, through the one collective (zero-padded slots)."""
-        world, rank = self.collective.world_size, self.collective.rank
-        sizes = self.collective.allreduce_sum([np.eye(world)[rank] * len(local)])[0].astype(int)
-        slots = np.zeros((world, int(sizes.max())))
-        slots[rank, :len(local)] = local
-        summed = self.collective.allreduce_sum([slots])[0]
-        return np.concatenate([summed[r, :sizes[r]] for r in range(world)])
+        """Every rank's 1-D array concatenated in rank order, through the one collective."""
+        return gather_subsample(self.collective, np.asarray(local, dtype=np.float64)[:, None])[:, 0]

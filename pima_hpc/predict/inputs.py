@@ -117,11 +117,8 @@ class DatasetSource(RowSource):
 
 
 def _is_dataset(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "manifest.json").is_file()
-    if path.suffix.lower() not in (".h5", ".hdf5"):
-        return False
-    return True
+    """A shard directory (manifest.json) or an HDF5 file; describe() then checks it is a pima-hpc dataset."""
+    return (path / "manifest.json").is_file() if path.is_dir() else path.suffix.lower() in (".h5", ".hdf5")
 
 
 def _only(spec: DatasetSpec, kind: str, path: Path) -> str:
