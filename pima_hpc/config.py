@@ -163,6 +163,12 @@ class TrainConfig:
     # Forgetting factor lambda of the experts' least-squares statistics across epochs (recursive least
     # squares): S <- lambda S_prev + S_epoch. 0 = no memory (each epoch's pass alone), 1 = never forget.
     rls_forgetting: float = 0.0
+    # Where the EM statistics come from: "exact" = a pass over the training split in eval mode after each
+    # epoch; "streaming" = the training steps' own forward passes (Algorithm 1, pima_hpc/train/streaming.py).
+    statistics: str = "exact"
+    # train.statistics=streaming: sum the experts' information over ranks and re-solve them every this many
+    # steps (recursive least squares, pima_hpc/model/rls.py); 0 = once, at the epoch's end.
+    rls_sync_steps: int = 0
     ridge: float = 1e-8
     # torch's SyncBatchNorm (CUDA only): BatchNorm statistics over the global batch instead of per rank.
     sync_batchnorm: bool = False
@@ -189,6 +195,8 @@ class TrainConfig:
         _choice(self.init, "train.init", ("experts", "random", "pretrain"))
         _check(self.pretrain_epochs >= 0, "train.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")
+        _choice(self.statistics, "train.statistics", ("exact", "streaming"))
+        _check(self.rls_sync_steps >= 0, "train.rls_sync_steps", "must be >= 0 (0 = at the epoch's end)")
         _check(self.ridge >= 0, "train.ridge", "must be >= 0")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = no cap)")
         _check(self.precise_bn_batches >= 0, "train.precise_bn_batches", "must be >= 0 (0 = off)")

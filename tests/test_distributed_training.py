@@ -221,6 +221,29 @@ def test_two_ranks_train_like_one_rank_with_the_same_global_batch(tmp_path):
             assert hist_control > 1e-3, hist_control
 
 
+@needs_torchrun
+def test_two_ranks_streaming_statistics_equal_one_rank(tmp_path):
+    """train.statistics=streaming: latent sums and the experts' information gathered inside the DDP
+    steps, summed through the collective every 2 steps and at the epoch's end, leave 2 ranks where one
+    process with the same global batches ends (float64, ghost BatchNorm as above)."""
+    streaming = ["--", "train.statistics=streaming", "train.rls_sync_steps=2"]
+    one, _ = launch([sys.executable, TRAIN_WORKER, "--out", tmp_path, "--tag", "one", "--batch-size", 32,
+                     "--bn", "ghost", *streaming])
+    assert one.returncode == 0, fail_message(one)
+    two, _ = launch([TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN_WORKER, "--out", tmp_path,
+                     "--tag", "two", "--batch-size", 16, *streaming])
+    assert two.returncode == 0, fail_message(two)
+    ghost, rank0, rank1 = (np.load(tmp_path / f"{tag}-float64-rank{r}.npz") for tag, r in
+                           (("one-ghost", 0), ("two-ddp", 0), ("two-ddp", 1)))
+    for k in rank0.files:
+        assert rank0[k].tobytes() == rank1[k].tobytes(), k
+    err, name = _max_relative(rank0, ghost)
+    assert err < 1e-6, (name, err)
+    hist = {tag: _elbo_history(tmp_path / f"{tag}-float64-rank0.json") for tag in ("one-ghost", "two-ddp")}
+    scale = np.maximum(np.abs(hist["one-ghost"]), 1e-3)
+    assert np.max(np.abs(hist["two-ddp"] - hist["one-ghost"]) / scale) < 1e-8
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 
 def run_cli(launcher_cmd: list, tmp_path: Path):

@@ -72,16 +72,6 @@ def top_eigenvectors(a: np.ndarray, chol: np.ndarray) -> tuple[np.ndarray, np.nd
     return w[..., -1], v
 
 
-def scale_to_unit_amplitude(curves: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
-    """Factor that gives shapes (K, L) a gamma-weighted mean profiled amplitude of 1 (module docstring).
-
-    sum_d gamma_d a_d = <S1, m> / <m, m> must equal S0, so m -> m * <S1, m> / (S0 <m, m>); the sign
-    makes the typical amplitude positive.
-    """
-    mm = np.maximum((curves ** 2).sum(-1), 1e-300)
-    return (s1 * curves).sum(-1) / (np.maximum(s0, 1e-300) * mm)
-
-
 class Expert:
     """Interface of a physics expert on a fixed grid ``t`` (physical units)."""
 
@@ -89,6 +79,8 @@ class Expert:
     param_names: ClassVar[tuple[str, ...]]
     # Parameters that only scale the curve (multiplied by the amplitude a_d in physical reports).
     scale_params: ClassVar[tuple[str, ...]] = ()
+    # Which linear coefficients `train.ridge` penalises (None: all of them).
+    ridge_diagonal: ClassVar[tuple[float, ...] | None] = None
 
     def __init__(self, t: np.ndarray, amplitude: str = "fixed"):
         self.t = np.asarray(t, dtype=np.float64)
@@ -149,6 +141,40 @@ class Expert:
         """Named physical parameters per cluster, for reports."""
         return {n: theta[:, i].tolist() for i, n in enumerate(self.param_names)}
 
+    # ----- information form (pima_hpc/model/rls.py) -------------------------------------------
+    # An expert that is linear in its parameters on each of K candidate designs D_k (one for a
+    # linear law; one per yield-point interval for strain hardening) can be solved from the
+    # gamma-weighted information Q_ck = sum_d gamma_cd D_k(t_d)^T D_k(t_d), b_ck = sum_d gamma_cd
+    # D_k(t_d)^T x_d, which adds across batches and workers whatever grid each curve has.
+
+    @property
+    def has_information_form(self) -> bool:
+        return type(self).candidate_designs is not Expert.candidate_designs
+
+    def candidate_designs(self, t: np.ndarray) -> np.ndarray:
+        """The designs (..., K, L, p) on grid(s) t (..., L) in which the law is linear."""
+        raise NotImplementedError(f"expert {type(self).__name__} has no information form (no candidate designs)")
+
+    def linear_coordinates(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(k (C,), y (C, p)): the candidate design whose linear coefficients y reproduce E(t; theta)."""
+        raise NotImplementedError(f"expert {type(self).__name__} has no information form (no candidate designs)")
+
+    def information_from_sums(self, s0: np.ndarray, s1: np.ndarray, m2: np.ndarray | None = None) -> dict:
+        """The information on the shared grid from the statistics (S0, S1[, M2]) in physical units."""
+        d = self.candidate_designs(self.t)
+        info = {"w": s0, "b": np.einsum("kli,cl->cki", d, s1)}
+        if self.amplitude == "fixed":
+            info["q"] = s0[:, None, None, None] * np.einsum("kli,klj->kij", d, d)
+        else:
+            info["a2"] = np.einsum("kli,clm,kmj->ckij", d, m2, d)
+        return info
+
+    def solve_information(self, info: dict, ridge: float = 0.0, intervals: bool = True) -> np.ndarray:
+        """Eq 17 from information of clusters that all have weight: fixed amplitude from (Q, b), free from
+        (A2 = sum gamma D^T x x^T D, w, b) on the shared grid. ``intervals=False`` keeps a piecewise law's
+        breakpoints on the grid (the only exact choice when curves have their own grids)."""
+        raise NotImplementedError(f"expert {type(self).__name__} has no information form (no candidate designs)")
+
 
 class LinearExpert(Expert):
     """E(t; theta) = Phi(t) theta: eq 17 is a weighted linear least-squares problem (ERRATA 9)."""
@@ -164,19 +190,36 @@ class LinearExpert(Expert):
     def evaluate(self, theta):
         return np.asarray(theta) @ self.design(self.t).T
 
+    def candidate_designs(self, t):
+        t = np.asarray(t, dtype=np.float64)
+        if t.ndim == 1:
+            return self.design(t)[None]
+        return np.stack([self.design(row) for row in t.reshape(-1, t.shape[-1])]).reshape(
+            t.shape[:-1] + (1, t.shape[-1], self.n_params))
+
+    def linear_coordinates(self, theta):
+        return np.zeros(len(theta), dtype=int), np.asarray(theta, dtype=np.float64)
+
     def solve_fixed(self, s0, s1, ridge):
-        phi = self.design(self.t)
-        # Normal equations A_c = S0_c Phi^T Phi (+ ridge), b_c = Phi^T S1_c; p is tiny, so a
-        # batched dense solve is exact and cheap.
-        a = s0[:, None, None] * (phi.T @ phi) + ridge * np.eye(phi.shape[1])
-        return np.linalg.solve(a, (s1 @ phi)[..., None])[..., 0]
+        return self.solve_information(self.information_from_sums(s0, s1), ridge)
 
     def solve_free(self, s0, s1, m2):
+        return self.solve_information(self.information_from_sums(s0, s1, m2))
+
+    def solve_information(self, info, ridge=0.0, intervals=True):
+        if self.amplitude == "fixed":
+            # Normal equations A_c = Q_c (+ ridge), b_c; p is tiny, so a batched dense solve is exact and cheap.
+            a = info["q"][:, 0] + ridge * np.eye(self.n_params)
+            return np.linalg.solve(a, info["b"][:, 0][..., None])[..., 0]
         # max_theta theta^T Phi^T M2 Phi theta / theta^T Phi^T Phi theta: the top generalised
         # eigenvector; every rank solves the same small problem from the same reduced statistics.
         phi = self.design(self.t)
-        _, v = top_eigenvectors(phi.T @ m2 @ phi, np.linalg.cholesky(phi.T @ phi))
-        return v * scale_to_unit_amplitude(v @ phi.T, s0, s1)[:, None]
+        gram = phi.T @ phi
+        _, v = top_eigenvectors(info["a2"][:, 0], np.linalg.cholesky(gram))
+        # unit mean amplitude (module docstring): sum_d gamma_d a_d = <S1, Phi v> / ||Phi v||^2 = v . b / v^T G v = S0
+        scale = (v * info["b"][:, 0]).sum(-1) / (np.maximum(info["w"], 1e-300) *
+                                                 np.maximum(np.einsum("ci,ij,cj->c", v, gram, v), 1e-300))
+        return v * scale[:, None]
 
     def cluster_features(self, theta):
         if self.amplitude == "fixed":
@@ -227,7 +270,7 @@ class Polynomial(LinearExpert):
         self.param_names = tuple(f"c{i}" for i in range(self.degree + 1))
 
     def design(self, t):
-        lo, hi = float(t[0]), float(t[-1])
+        lo, hi = float(self.t[0]), float(self.t[-1])  # the expert's grid fixes the map, whatever grid t is
         return np.polynomial.legendre.legvander(2 * (t - lo) / (hi - lo) - 1, self.degree)
 
 
@@ -276,6 +319,7 @@ class StrainHardening(Expert):
 
     param_names = ("modulus", "yield_strain", "hardening_modulus")
     scale_params = ("modulus", "hardening_modulus")
+    ridge_diagonal = (1.0, 1.0, 0.0)  # ridge * (E^2 + H^2), on the coefficients (E, H, (E - H) eps_y)
 
     def __init__(self, t, amplitude="fixed"):
         super().__init__(t, amplitude)
@@ -308,15 +352,39 @@ class StrainHardening(Expert):
         m[:, 2, 0], m[:, 2, 1] = self.t[grid], -self.t[grid]
         return m
 
+    def candidate_designs(self, t):
+        # D_k(t) = [t 1(t <= t_k), t 1(t > t_k), 1(t > t_k)] for the split after reference point t_k
+        t = np.asarray(t, dtype=np.float64)
+        if t.ndim == 1 and t.shape == self.t.shape and np.array_equal(t, self.t):
+            return self._designs
+        after = t[..., None, :] > self.t[:, None]                           # (..., K, L)
+        tt = np.broadcast_to(t[..., None, :], after.shape)
+        return np.stack([np.where(after, 0.0, tt), np.where(after, tt, 0.0), after.astype(float)], axis=-1)
+
+    def linear_coordinates(self, theta):
+        theta = np.asarray(theta, dtype=np.float64)
+        e, eps, h = theta[:, 0], theta[:, 1], theta[:, 2]
+        k = np.clip(np.searchsorted(self.t, eps, side="right") - 1, 0, len(self.t) - 1)
+        return k, np.stack([e, h, (e - h) * eps], axis=1)
+
     def solve_fixed(self, s0, s1, ridge):
-        s0, s1 = np.asarray(s0, np.float64), np.asarray(s1, np.float64)
+        return self.solve_information(self.information_from_sums(np.asarray(s0, np.float64),
+                                                                 np.asarray(s1, np.float64)), ridge)
+
+    def solve_free(self, s0, s1, m2):
+        s0, s1, m2 = (np.asarray(a, np.float64) for a in (s0, s1, m2))
+        return self.solve_information(self.information_from_sums(s0, s1, m2))
+
+    def solve_information(self, info, ridge=0.0, intervals=True):
+        if self.amplitude == "fixed":
+            return self._solve_fixed_information(info["q"] + ridge * np.diag(self.ridge_diagonal), info["b"], intervals)
+        return self._solve_free_information(info, intervals)
+
+    def _solve_fixed_information(self, q, b, use_intervals):
+        """min over the candidates of y^T Q y - 2 b . y (Q: (C, L, 3, 3) with the ridge, b: (C, L, 3))."""
         grid, intervals = self._candidates()
-        d = self._designs
-        gram = np.einsum("kli,klj->kij", d, d)                     # (L, 3, 3)
-        q = s0[:, None, None, None] * gram + ridge * np.diag([1.0, 1.0, 0.0])  # (K, L, 3, 3)
-        b = np.einsum("kli,cl->cki", d, s1)                         # (K, L, 3)
-        best_f = np.zeros(len(s0))                                  # E = H = 0: objective 0
-        best = np.zeros((len(s0), 3))
+        best_f = np.zeros(len(q))                                   # E = H = 0: objective 0
+        best = np.zeros((len(q), 3))
         best[:, 1] = self.t[grid[0]]
 
         def offer(f, e, eps, h, ok):
@@ -340,6 +408,8 @@ class StrainHardening(Expert):
             v = b2[..., i] / q2[..., i, i]
             e, h = (v, 0 * v) if i == 0 else (0 * v, v)
             offer(-b2[..., i] * v, e, eps, h, v >= 0)
+        if not use_intervals:
+            return best
         # interval interiors and the faces H = 0 and E = 0 inside them
         lo, hi = self.t[intervals], self.t[intervals + 1]
         qk, bk = q[:, intervals], b[:, intervals]
@@ -356,13 +426,13 @@ class StrainHardening(Expert):
             offer(-(bk[..., keep] * y).sum(-1), e, eps, h, (a >= 0) & (eps >= lo) & (eps <= hi))
         return best
 
-    def solve_free(self, s0, s1, m2):
-        s0, s1, m2 = (np.asarray(a, np.float64) for a in (s0, s1, m2))
+    def _solve_free_information(self, info, use_intervals):
+        """max over the candidates of the Rayleigh quotient y^T A2_k y / y^T B_k y, unit mean amplitude."""
         grid, intervals = self._candidates()
         d = self._designs
         gram = np.einsum("kli,klj->kij", d, d)                     # B_k = D_k^T D_k (L, 3, 3)
-        a = np.einsum("kli,clm,kmj->ckij", d, m2, d)               # A_k = D_k^T M2 D_k (K, L, 3, 3)
-        k_all = len(s0)
+        a = info["a2"]                                              # A_k = D_k^T M2 D_k (C, L, 3, 3)
+        k_all = len(a)
         best_r = np.full(k_all, -np.inf)
         best = np.zeros((k_all, 3))
 
@@ -389,6 +459,8 @@ class StrainHardening(Expert):
             one = np.ones_like(r)
             e, h = (one, 0 * one) if i == 0 else (0 * one, one)
             offer(r, e, eps, h, np.ones_like(r, bool))
+        if not use_intervals:
+            return self._unit_amplitude(best, info, gram)
         # interval interiors and the faces H = 0 and E = 0 inside them
         lo, hi = self.t[intervals], self.t[intervals + 1]
         ak, bk = a[:, intervals], gram[intervals]
@@ -404,7 +476,14 @@ class StrainHardening(Expert):
             eps = sign * g / np.where(lead == 0, np.nan, lead)
             e, h = (lead, 0 * lead) if keep[0] == 0 else (0 * lead, lead)
             offer(r, e, eps, h, (eps >= lo) & (eps <= hi))
-        scale = scale_to_unit_amplitude(self.evaluate(best), s0, s1)
+        return self._unit_amplitude(best, info, gram)
+
+    def _unit_amplitude(self, best, info, gram):
+        # unit mean amplitude (module docstring) from the information: <S1, m> = y . b_k, ||m||^2 = y^T B_k y
+        k, y = self.linear_coordinates(best)
+        rows = np.arange(len(best))
+        mm = np.einsum("ci,cij,cj->c", y, gram[k], y)
+        scale = (y * info["b"][rows, k]).sum(-1) / (np.maximum(info["w"], 1e-300) * np.maximum(mm, 1e-300))
         best[:, 0] *= scale
         best[:, 2] *= scale
         return best

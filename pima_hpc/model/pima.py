@@ -172,11 +172,12 @@ class PIMA(nn.Module):
             return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-                q_c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                q_c: torch.Tensor | None = None, return_codes: bool = False):
         """Per-sample ELBO terms (Section 2.3 / Appendix B with ERRATA 1-3), each (B,).
 
         q(c|X) from :meth:`cluster_log_posterior`, unless ``q_c`` (B, C) supplies it (the optional
-        expert-guided warm-up uses eq 19's p(c | X_s)).
+        expert-guided warm-up uses eq 19's p(c | X_s)). ``return_codes`` also returns the fused
+        posterior (mu, logvar), which the streaming EM statistics reuse.
         """
         mu, logvar = self.encode(batch)
         z = elbo.reparameterize(mu, logvar, generator)
@@ -197,7 +198,7 @@ class PIMA(nn.Module):
         terms["prior_c"] = elbo.expected_log_prior_c(gamma, log_pi)
         terms["entropy_z"] = elbo.entropy_q_z(logvar)
         terms["entropy_c"] = elbo.entropy_q_c(gamma, log_gamma)
-        return terms
+        return (terms, mu, logvar) if return_codes else terms
 
     # ----- generation --------------------------------------------------------------------------
     @torch.no_grad()

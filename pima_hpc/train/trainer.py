@@ -115,12 +115,30 @@ class Trainer:
         self.crossmodal = None
         self.xm_optimizer = None
         self.curve_memory = None
+        self.streaming = self._streaming_statistics()
+        self._streaming_rows = None  # every rank's pending streaming sums, gathered for a mid-epoch checkpoint
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_checkpoints)
         self.state = {"stage": "multimodal", "epoch": 0, "step": 0, "initialized": False, "warm": True,
                       "history": [], "best_val_elbo": -math.inf, "init": {}}
         self.signals = SignalFlag()
         self.nan_at_step = _injected_nan_step()
         self.tracker = None  # rank 0's history.csv / TensorBoard / MLflow, opened by run()
+
+    def _streaming_statistics(self):
+        """train.statistics=streaming: the EM statistics of the training pass (pima_hpc/train/streaming.py)."""
+        t = self.cfg.train
+        if t.statistics != "streaming":
+            return None
+        opaque = [n for n in self.model.curve_names if not self.model.experts[n].has_information_form]
+        if opaque:
+            raise ConfigError(f"config key 'train.statistics': streaming needs experts with an information form "
+                              f"(linear or piecewise-linear laws); model.expert={self.cfg.model.expert} has none: "
+                              "set train.statistics=exact")
+        steps = len(self.train_data.global_counts(t.batch_size))
+        if t.max_steps_per_epoch:
+            steps = min(steps, t.max_steps_per_epoch)
+        from pima_hpc.train.streaming import TrainingPassStatistics
+        return TrainingPassStatistics(self.model, steps, t.rls_forgetting, t.rls_sync_steps)
 
     # ----- bookkeeping -------------------------------------------------------------------------
     @property
@@ -145,6 +163,7 @@ class Trainer:
             "spec": spec_to_dict(self.spec),  # `pima predict` needs units and normalisation, not the data
             "curve_memory": ({n: {k: torch.from_numpy(v) for k, v in st.values.items()}
                               for n, st in self.curve_memory.items()} if self.curve_memory else None),
+            "streaming": self.streaming.state(self._streaming_rows) if self.streaming is not None else None,
         }
         if self.crossmodal is not None:
             payload["crossmodal"] = self.crossmodal.state_dict()
@@ -162,6 +181,11 @@ class Trainer:
             raise NonFiniteError(f"non-finite parameters ({', '.join(bad[:4]) or 'on another rank'}) at {name}; "
                                  f"not saved, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept; "
                                  "lower train.lr or check the data for NaN/Inf")
+        self._streaming_rows = None
+        if self.streaming is not None and self.streaming.pending:  # mid-epoch: every rank's pending sums
+            rows = np.zeros((self.ctx.world_size, len(self.streaming.pending_vector())))
+            rows[self.ctx.rank] = self.streaming.pending_vector()
+            self._streaming_rows = self.collective.allreduce_sum([rows])[0] if self.ctx.world_size > 1 else rows
         partial = self.state.get("partial_sums")
         if partial is not None:  # mid-epoch (a signal): rank 0 writes every rank's running sums
             rows = np.zeros((self.ctx.world_size, len(partial["values"])))
@@ -212,6 +236,10 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # e.g. written by another pima-hpc version
             raise ResumeError(f"checkpoint {str(path)!r} does not fit this model ({type(exc).__name__}: "
                               f"{(str(exc).splitlines() or [''])[0][:160]}); use a new run_dir") from None
+        if payload.get("streaming") and self.streaming is not None:
+            if not self.streaming.load_state(payload["streaming"], self.ctx.rank, self.ctx.world_size):
+                log.warning("resumed mid-epoch on %d ranks, checkpointed on another number: the streaming "
+                            "statistics are summed into the totals (equal up to rounding)", self.ctx.world_size)
         if payload.get("curve_memory"):
             self.curve_memory = em.new_curve_statistics(self.model)
             for n, vals in payload["curve_memory"].items():
@@ -289,7 +317,7 @@ class Trainer:
         self.state["initialized"] = True
         self.state["init"] = info
 
-    def closed_form_updates(self) -> None:
+    def closed_form_updates(self, exact: bool = False) -> None:
         """The EM half of Algorithm 1 (eq 16 and optional variances/weights) and eq 17 for the experts.
 
         During the warm-up the cluster means stay at their initial, well-separated positions. From
@@ -297,15 +325,23 @@ class Trainer:
         the same cluster as q(c|X) on ``warmup_agreement`` of the training set (an unsupervised
         check that the clusters have formed in latent space) it is kept and the warm-up ends;
         otherwise the means go back to their anchors, at most until ``max_warmup_epochs``.
+
+        With train.statistics=streaming the statistics are those the epoch's training steps gathered,
+        unless ``exact`` (the run's last update, so the saved means and experts match its encoders).
         """
         t = self.cfg.train
-        if self.cfg.model.image_noise == "learned" and self.model.image_names:
+        m = self.cfg.model
+        if m.image_noise == "learned" and self.model.image_names:
             em.update_image_noise(self.model, self.train_data, self.eval_batch, self.collective, self.device)
-        latent, curves = em.em_pass(self.model, self.train_data, self.eval_batch, self.collective, self.device,
-                                    self.curve_memory, t.rls_forgetting)
-        em.apply_expert_solve(self.model, curves, t.ridge, self.cfg.model.expert_noise,
-                              self.cfg.model.expert_noise_floor)
-        self.curve_memory = curves if t.rls_forgetting > 0 else None
+        if self.streaming is not None and not exact:
+            self.streaming.sync(self.collective)
+            self.streaming.solve_experts(self.model, t.ridge, m.expert_noise, m.expert_noise_floor)
+            latent = self.streaming.latent
+        else:
+            latent, curves = em.em_pass(self.model, self.train_data, self.eval_batch, self.collective, self.device,
+                                        self.curve_memory, t.rls_forgetting)
+            em.apply_expert_solve(self.model, curves, t.ridge, m.expert_noise, m.expert_noise_floor)
+            self.curve_memory = curves if t.rls_forgetting > 0 else None
         epoch = self.state["epoch"]
         if self.state["warm"] and epoch < t.warmup_epochs:
             return
@@ -362,6 +398,8 @@ class Trainer:
         bar = self._progress(len(batches), f"epoch {epoch + 1}/{t.epochs}")
         start = self.state["step"]
         bar.update(start)
+        if self.streaming is not None and start == 0:
+            self.streaming.start_epoch()
         for step in range(start, len(batches)):
             batch = to_device(self.train_data.read_batch(batches[step]), self.device)
             seen += len(batches[step])
@@ -370,7 +408,11 @@ class Trainer:
             # carry no cluster information yet. The joint q(c) already includes it.
             use_experts = warm and self.cfg.model.cluster_posterior == "latent" and self.model.curve_names
             q_c = self.model.expert_log_posterior(batch).exp().detach() if use_experts else None
-            terms = self.net(batch, gen, q_c)
+            if self.streaming is not None:
+                terms, mu, logvar = self.net(batch, gen, q_c, return_codes=True)
+                self.streaming.add(self.model, batch, mu, logvar)
+            else:
+                terms = self.net(batch, gen, q_c)
             if self.nan_at_step == epoch * len(batches) + step + 1:
                 terms = {**terms, "recon": terms["recon"] * float("nan")}
             per_sample = elbo_from_terms(terms, w.recon_weight, w.expert_weight, w.prior_weight)
@@ -387,6 +429,10 @@ class Trainer:
                 sums["elbo"] = sums.get("elbo", 0.0) + float(per_sample.sum())
             self._keep_partial({**sums, "_seen": seen})
             self._check_finite(terms, loss, f"stage multimodal, epoch {epoch + 1}, step {step + 1}")
+            if self.streaming is not None and self.streaming.due(step, len(batches)):
+                self.streaming.sync(self.collective)
+                self.streaming.solve_experts(self.model, t.ridge, self.cfg.model.expert_noise,
+                                             self.cfg.model.expert_noise_floor)
             bar.update(1)
             if not bar.disable and step % t.log_every == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()) / self.ctx.world_size:.3f}")
@@ -421,10 +467,11 @@ class Trainer:
             tic = time.perf_counter()
             metrics = self.train_epoch(epoch)
             self.state["epoch"], self.state["step"] = epoch + 1, 0
-            if epoch + 1 == t.epochs:
+            last = epoch + 1 == t.epochs
+            if last:
                 # The final pass ends any warm-up: the saved means and experts match the encoders.
                 self.state["warm"] = False
-            self.closed_form_updates()
+            self.closed_form_updates(exact=last)
             metrics["epoch"] = epoch + 1
             metrics["seconds"] = time.perf_counter() - tic
             # Validation on the model as it will be used: means and experts re-estimated by EM first
@@ -443,7 +490,7 @@ class Trainer:
         if self.state["stage"] == "multimodal":
             if t.epochs == 0:  # no epoch ran its closed-form pass: make the experts match the data
                 self.state["warm"] = False
-                self.closed_form_updates()
+                self.closed_form_updates(exact=True)
             self.state["stage"] = "crossmodal" if "crossmodal" in self.stages else "done"
             self.state["epoch"], self.state["step"] = 0, 0
             self.save()
