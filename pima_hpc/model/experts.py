@@ -160,10 +160,11 @@ class Expert:
         raise NotImplementedError(f"expert {type(self).__name__} has no information form (no candidate designs)")
 
     def information_from_sums(self, s0: np.ndarray, s1: np.ndarray, m2: np.ndarray | None = None) -> dict:
-        """The information on the shared grid from the statistics (S0, S1[, M2]) in physical units."""
+        """The information on the shared grid from the statistics (S0, S1[, M2]) in physical units: with M2
+        that of a free amplitude (A2), without it that of a fixed one (Q)."""
         d = self.candidate_designs(self.t)
         info = {"w": s0, "b": np.einsum("kli,cl->cki", d, s1)}
-        if self.amplitude == "fixed":
+        if m2 is None:  # a fixed amplitude (also a free-amplitude expert's per-sample fits)
             info["q"] = s0[:, None, None, None] * np.einsum("kli,klj->kij", d, d)
         else:
             info["a2"] = np.einsum("kli,clm,kmj->ckij", d, m2, d)
@@ -207,7 +208,7 @@ class LinearExpert(Expert):
         return self.solve_information(self.information_from_sums(s0, s1, m2))
 
     def solve_information(self, info, ridge=0.0, intervals=True):
-        if self.amplitude == "fixed":
+        if "q" in info:
             # Normal equations A_c = Q_c (+ ridge), b_c; p is tiny, so a batched dense solve is exact and cheap.
             a = info["q"][:, 0] + ridge * np.eye(self.n_params)
             return np.linalg.solve(a, info["b"][:, 0][..., None])[..., 0]
@@ -376,7 +377,7 @@ class StrainHardening(Expert):
         return self.solve_information(self.information_from_sums(s0, s1, m2))
 
     def solve_information(self, info, ridge=0.0, intervals=True):
-        if self.amplitude == "fixed":
+        if "q" in info:
             return self._solve_fixed_information(info["q"] + ridge * np.diag(self.ridge_diagonal), info["b"], intervals)
         return self._solve_free_information(info, intervals)
 
