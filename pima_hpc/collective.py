@@ -44,6 +44,16 @@ class Collective:
         """Release communication resources (a no-op on one process)."""
 
 
+def allreduce_groups(collective, groups: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """Sum several groups of arrays over workers in ONE collective call; the sums come back grouped."""
+    summed = collective.allreduce_sum([a for g in groups for a in g])
+    out, i = [], 0
+    for g in groups:
+        out.append(summed[i:i + len(g)])
+        i += len(g)
+    return out
+
+
 def gather_subsample(collective, rows: np.ndarray, max_rows: int | None = None) -> np.ndarray:
     """Every rank's rows in rank order (or evenly spaced ones, at most ``max_rows`` in total), the same
     array on every rank.

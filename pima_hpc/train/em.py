@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from pima_hpc.collective import gather_subsample
+from pima_hpc.collective import allreduce_groups, gather_subsample
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.statistics import (StreamingStatistics, curve_statistics, expert_noise_variance,
                                        latent_statistics, m_step_means, m_step_tied_variance, m_step_variances,
@@ -44,13 +44,8 @@ def add_curve_batch(model: PIMA, curves: dict[str, StreamingStatistics], gamma: 
 
 def reduce_all(collective, groups: list[StreamingStatistics]) -> None:
     """Sum several statistics objects over workers in one collective call."""
-    arrays = [a for g in groups for a in g.arrays()]
-    summed = collective.allreduce_sum(arrays)
-    i = 0
-    for g in groups:
-        n = len(g.values)
-        g.set_arrays(summed[i:i + n])
-        i += n
+    for g, summed in zip(groups, allreduce_groups(collective, [g.arrays() for g in groups])):
+        g.set_arrays(summed)
 
 
 @torch.no_grad()

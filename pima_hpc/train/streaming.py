@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pima_hpc.collective import allreduce_groups
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.rls import ExpertRLS, SyncedSums
 from pima_hpc.model.statistics import latent_statistics
@@ -62,13 +63,8 @@ class TrainingPassStatistics:
     def sync(self, collective) -> None:
         """Sum every part's pending sums over workers in one collective call and absorb them."""
         parts = self.parts()
-        arrays = [a for p in parts for a in p.pending_arrays()]
-        summed = collective.allreduce_sum(arrays)
-        i = 0
-        for p in parts:
-            n = len(p.pending)
-            p.absorb(summed[i:i + n])
-            i += n
+        for p, summed in zip(parts, allreduce_groups(collective, [p.pending_arrays() for p in parts])):
+            p.absorb(summed)
 
     @torch.no_grad()
     def solve_experts(self, model: PIMA, ridge: float, noise: str, noise_floor: float) -> None:
