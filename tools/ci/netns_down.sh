@@ -8,3 +8,5 @@ for dev in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^pima-v/ {sub(/@.*/
     ip link delete "$dev" 2>/dev/null || true
 done
 ip link delete pima-br0 2>/dev/null || true
+rm -rf /etc/netns/pima-node[0-9]*
+rmdir /etc/netns 2>/dev/null || true

@@ -5,7 +5,7 @@
 # off the machine. Needs root. Idempotent: an old set-up is removed first (tools/ci/netns_down.sh).
 #
 #   tools/ci/netns_up.sh [N=2]
-#   ip netns exec pima-node1 <command>      # run on "node" 1 (same filesystem, its own network)
+#   tools/ci/on_node 1 <command>      # run on "node" 1: same filesystem, its own network and hostname
 set -euo pipefail
 N=${1:-2}
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,6 +22,15 @@ for ((i = 0; i < N; i++)); do
     ip -n "$ns" addr add "10.77.0.$((i + 1))/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
+done
+# Each node resolves every node's name (its hostname under tools/ci/on_node): `ip netns exec`
+# bind-mounts /etc/netns/NAME/hosts over /etc/hosts inside the namespace.
+for ((i = 0; i < N; i++)); do
+    mkdir -p "/etc/netns/pima-node$i"
+    {
+        grep -v 'pima-node' /etc/hosts || true
+        for ((j = 0; j < N; j++)); do echo "10.77.0.$((j + 1)) pima-node$j"; done
+    } >"/etc/netns/pima-node$i/hosts"
 done
 # the bridge forwards between the nodes (a host's firewall could stop bridged traffic)
 sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null || true
