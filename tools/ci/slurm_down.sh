@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the single-node Slurm cluster started by tools/ci/slurm_up.sh, by its pid files.
+# Stop the Slurm cluster started by tools/ci/slurm_up.sh (one node or several), by its pid files.
 #
 #   tools/ci/slurm_down.sh [--quiet]      (PIMA_SLURM_DIR as for slurm_up.sh)
 #
@@ -15,8 +15,8 @@ STATE_DIR=${PIMA_SLURM_DIR:-/tmp/pima-slurm}
 RUN_DIR=$STATE_DIR/run
 GRACE_S=${PIMA_SLURM_STOP_GRACE:-15}
 
-stop() { # stop NAME: SIGTERM the pid in RUN_DIR/NAME.pid, wait, SIGKILL if still there
-    local name=$1 pidfile=$RUN_DIR/$1.pid pid
+stop() { # stop NAME [PIDFILE]: SIGTERM the pid in PIDFILE (RUN_DIR/NAME.pid), wait, SIGKILL if still there
+    local name=$1 pidfile=${2:-$RUN_DIR/$1.pid} pid
     [[ -s $pidfile ]] || return 0
     pid=$(<"$pidfile")
     if [[ ! $pid =~ ^[0-9]+$ ]] || ! kill -0 "$pid" 2>/dev/null; then
@@ -43,7 +43,9 @@ stop() { # stop NAME: SIGTERM the pid in RUN_DIR/NAME.pid, wait, SIGKILL if stil
 }
 
 [[ -d $RUN_DIR ]] || { log "nothing to stop in $STATE_DIR"; exit 0; }
-stop slurmd
+for f in "$RUN_DIR"/slurmd.pid "$RUN_DIR"/slurmd-*.pid; do # one, or one per simulated node
+    [[ -e $f ]] && stop slurmd "$f"
+done
 stop slurmctld
 stop munged
 log "stopped (state and logs kept in $STATE_DIR)"
