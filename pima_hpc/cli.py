@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pima_hpc.data.cli import add_data_commands
-from pima_hpc.errors import UserError
+from pima_hpc.errors import EXIT_RANK_LOST, RankLostError, UserError
 from pima_hpc.tune import add_tune_command
 
 log = logging.getLogger("pima")
@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pima: error: {exc}", file=sys.stderr)
         return 2
+    except RankLostError as exc:
+        if args.debug:
+            raise
+        print(f"pima: error: {exc}", file=sys.stderr)
+        return EXIT_RANK_LOST
     except KeyboardInterrupt:
         print("pima: interrupted", file=sys.stderr)
         return 130

@@ -39,3 +39,15 @@ class NonFiniteError(UserError, RuntimeError):
 
 class DistributedSetupError(UserError, RuntimeError):
     """The launcher's environment or the process group cannot be set up (names the variable or rank)."""
+
+
+EXIT_RANK_LOST = 69  # EX_UNAVAILABLE: a peer rank is gone; the run directory can be resumed
+
+
+class RankLostError(RuntimeError):
+    """Another rank stopped answering mid-run (its process or node died, or the network failed).
+
+    Not a user error, and not a bug of this rank: ``pima`` prints the one-line message (the rank,
+    the backend's own one-line cause, the run directory to resume from) instead of the backend's
+    traceback, and exits EXIT_RANK_LOST. Slurm requeues a ``--requeue`` job after a node failure.
+    """

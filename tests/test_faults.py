@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from pima_hpc.cli import main as pima_main
+from pima_hpc.distributed.failures import peer_failure
+from pima_hpc.errors import EXIT_RANK_LOST
 from pima_hpc.config import load_config
 from pima_hpc.train.checkpoint import CheckpointError, load_checkpoint
 from pima_hpc.train.trainer import NonFiniteError, ResumeError, Trainer
@@ -375,9 +377,11 @@ def test_two_ranks_kill9_one_worker_the_other_exits_nonzero_in_bounded_time(tmp_
     assert load_checkpoint(run / "checkpoints" / latest(run))  # what was saved is still whole
 
 
-def test_hung_rank_makes_the_other_fail_after_dist_timeout(tmp_path):
-    """No launcher watching (two ranks from the environment alone): rank 1 is frozen (SIGSTOP),
-    rank 0 must give up by itself after dist.timeout_s, with a non-zero exit."""
+@pytest.mark.parametrize("fault", ["hung", "killed"])
+def test_a_lost_rank_stops_the_other_with_one_line(tmp_path, fault):
+    """No launcher watching (two ranks from the environment alone): rank 1 is frozen (SIGSTOP) or
+    killed (SIGKILL). Rank 0 must give up by itself (after dist.timeout_s, or at once when the
+    peer's socket closes) with one line naming the lost rank and the run directory, and exit 69."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -389,13 +393,21 @@ def test_hung_rank_makes_the_other_fail_after_dist_timeout(tmp_path):
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             procs.append(start(train_cmd(run, *TWO_RANKS[:-1], "dist.timeout_s=12"), tmp_path / f"log{rank}", env))
         wait_for(lambda: latest(run) is not None, RUN_TIMEOUT, procs[0], tmp_path / "log0")
-        procs[1].send_signal(signal.SIGSTOP)
+        procs[1].send_signal(signal.SIGSTOP if fault == "hung" else signal.SIGKILL)
         tic = time.monotonic()
         rc = procs[0].wait(timeout=120)
-        assert rc not in (0, 75), tail(tmp_path / "log0")
-        assert time.monotonic() - tic < 12 + 30
+        text = (tmp_path / "log0").read_text()
+        assert rc == EXIT_RANK_LOST, tail(tmp_path / "log0")
+        assert time.monotonic() - tic < (12 + 30 if fault == "hung" else 10)
+        assert f"pima: error: rank 0 of 2 lost another rank" in text and f"in {run}" in text, text[-2000:]
+        assert "Traceback" not in text, text[-2000:]
     finally:
         kill_pids(*(p.pid for p in procs))
+
+
+def test_peer_failure_needs_a_process_group():
+    """One process has no peers: a gloo-looking error there is a bug and keeps its traceback."""
+    assert peer_failure(RuntimeError("[gloo/pair.cc:553] Connection closed by peer [10.0.0.2]:1")) is None
 
 
 # ----------------------------------------------------------------------------------------------- non-finite values

@@ -332,7 +332,7 @@ def test_scancel_is_not_undone_by_a_requeue(slurm_conf, tmp_path):
     time.sleep(3)  # a wrongly requeued job would show up as PENDING again by now
     info = job_info(job, env)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), f"{info}\n{tail(log)}"
-    assert "not requeued" in read(log), tail(log)
+    assert "does not requeue it" in read(log), tail(log)
     assert list((run_dir / "checkpoints").glob("*.pt")), "no checkpoint kept for a resubmission"
 
 

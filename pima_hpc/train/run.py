@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pima_hpc.config import Config, load_config
+from pima_hpc.errors import RankLostError
 from pima_hpc.runtime import Context
 
 log = logging.getLogger("pima")
@@ -44,6 +45,7 @@ def _stop_with_parent() -> None:
 
 def train_from_config(cfg: Config, report=None) -> int:
     """Train the configured stages; returns the process exit code (75 = checkpointed on a signal)."""
+    from pima_hpc.distributed.failures import peer_failure
     from pima_hpc.train.signals import EXIT_REQUEUE, StopRequested
     from pima_hpc.train.trainer import Trainer, summary_line
 
@@ -60,6 +62,15 @@ def train_from_config(cfg: Config, report=None) -> int:
         log.warning("checkpointed at %s after a signal; exiting with %d so the job can be requeued",
                     stop, EXIT_REQUEUE)
         return EXIT_REQUEUE
+    except RuntimeError as exc:
+        cause = peer_failure(exc)
+        if cause is None:
+            raise
+        where = f" in the {trainer.state['stage']} stage, epoch {trainer.state['epoch'] + 1}" if trainer else ""
+        raise RankLostError(
+            f"rank {ctx.rank} of {ctx.world_size} lost another rank{where} ({cause}): its process or node died "
+            f"or the network failed; every finished epoch is in {cfg.run_dir}: run the same command again to "
+            "resume (Slurm requeues a --requeue job after a node failure)") from exc
     finally:
         if trainer is not None:
             trainer.close()

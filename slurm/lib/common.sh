@@ -186,7 +186,7 @@ pima_run_requeueable() {
 
     ((rc == 0)) && return 0
     if [[ $_PIMA_SIGNALS == *TERM* ]]; then
-        pima_log "trainer stopped after SIGTERM (exit $rc): the job is ending (scancel, time limit or preemption), so it is not requeued; its last checkpoint is in ${PIMA_RUN_DIR_USED:-the run directory}: resubmit with PIMA_RUN_DIR set to it to resume"
+        pima_log "trainer stopped after SIGTERM (exit $rc): the job is ending (scancel, time limit, preemption or a node failure), so this script does not requeue it (Slurm itself requeues a --requeue job after a node failure); its last checkpoint is in ${PIMA_RUN_DIR_USED:-the run directory}: resubmit with PIMA_RUN_DIR set to it to resume"
         return "$rc"
     fi
     if ((rc != PIMA_EXIT_REQUEUE)) && [[ $_PIMA_SIGNALS != *USR1* ]]; then

@@ -20,6 +20,8 @@
 #   PIMA_SLURM_NODES         1: this host; N > 1: the simulated nodes pima-node0..N-1  [1]
 #   PIMA_SLURM_CPUS          CPUs of each node        [getconf _NPROCESSORS_ONLN]
 #   PIMA_SLURM_WAIT          seconds to wait for the node to be idle  [90]
+#   PIMA_SLURMD_TIMEOUT      seconds without an answer before slurmctld sets a node DOWN
+#                            (and requeues its jobs: NODE_FAIL)                        [60]
 #   PIMA_SLURM_CRED_EXPIRE   step credential lifetime; also how long a requeued job waits
 #                            before it may start again (Slurm's default is 120)  [30]
 #   PIMA_SLURM_NO_INSTALL=1  never call apt-get (fail if the packages are missing)
@@ -37,6 +39,7 @@ SLURMD_PORT=${PIMA_SLURMD_PORT:-16818}
 PARTITION=${PIMA_SLURM_PARTITION:-debug}
 WAIT_S=${PIMA_SLURM_WAIT:-90}
 CRED_EXPIRE=${PIMA_SLURM_CRED_EXPIRE:-30}
+SLURMD_TIMEOUT=${PIMA_SLURMD_TIMEOUT:-60}
 NODE=$(hostname -s)
 NODES=${PIMA_SLURM_NODES:-1}
 CPUS=${PIMA_SLURM_CPUS:-$(getconf _NPROCESSORS_ONLN)}
@@ -45,7 +48,7 @@ case $STATE_DIR in
     /*) ;;
     *) STATE_DIR=$PWD/$STATE_DIR ;;
 esac
-for v in CTLD_PORT SLURMD_PORT WAIT_S CRED_EXPIRE CPUS NODES; do
+for v in CTLD_PORT SLURMD_PORT WAIT_S CRED_EXPIRE SLURMD_TIMEOUT CPUS NODES; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
 
@@ -224,7 +227,7 @@ KillWait=30
 InactiveLimit=0
 Waittime=0
 SlurmctldTimeout=60
-SlurmdTimeout=60
+SlurmdTimeout=$SLURMD_TIMEOUT
 $(for ((i = 0; i < NODES; i++)); do echo "NodeName=${NODE_NAMES[i]} NodeAddr=${NODE_ADDRS[i]} CPUs=$CPUS State=UNKNOWN"; done)
 PartitionName=$PARTITION Nodes=$NODE_LIST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF

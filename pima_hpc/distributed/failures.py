@@ -1,0 +1,40 @@
+"""Telling a dead peer from a bug: which exceptions mean "another rank is gone".
+
+When a rank's process or node dies, the survivors learn it inside whatever collective they are in
+(DDP's gradient allreduce, an EM sum, a barrier): gloo raises a RuntimeError as soon as the peer's
+socket closes ("Connection closed by peer"), NCCL and the TCP store after the collective timeout
+(``dist.timeout_s``). Those messages are multi-line and carry C++ source paths; :func:`peer_failure`
+reduces one to the line a user needs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch.distributed as dist
+
+# Phrases of gloo, NCCL and c10d's store when a peer disappears or stops answering.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+              "timed out", "timeout", "socket closed", "nccl communicator was aborted", "watchdog")
+_SOURCE_PREFIX = re.compile(r"^\s*\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
+
+
+def peer_failure(exc: BaseException) -> Optional[str]:
+    """The one-line cause when ``exc`` says a peer rank is gone, else None (a bug: keep its traceback).
+
+    Only while a multi-rank process group is up: on one process nothing has peers.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    dist_error = getattr(dist, "DistError", ())
+    if not isinstance(exc, (RuntimeError, dist_error)):
+        return None
+    text = str(exc)
+    if not (isinstance(exc, dist_error) or "gloo" in text.lower() or "nccl" in text.lower()):
+        return None
+    if not any(p in text.lower() for p in _PEER_GONE):
+        return None
+    line = _SOURCE_PREFIX.sub("", text.strip().splitlines()[0])
+    line = line.split(". This is typically caused", 1)[0].rstrip(". ")
+    return f"{dist.get_backend()}: {line}"
