@@ -7,7 +7,7 @@ After every multimodal epoch the test split is scored (argmax p(c|z=mu), Hungari
 the training split); the clock excludes that scoring. Reports, per seed, the first epoch and the
 training wall time at which test accuracy reached 99 %, the final accuracy and samples/s, and
 the share of each epoch spent in the closed-form statistics and updates (timed around
-``Trainer.closed_form_updates`` by this script), then medians. ``--set train.statistics=streaming``
+``MultimodalStage.closed_form_updates`` by this script), then medians. ``--set train.statistics=streaming``
 compares the streaming statistics with the exact pass. Build the data first: ``pima data mnist --idx-dir ../shared/data/mnist --noise clean
 --out data/mnist_clean.h5``.
 """
@@ -37,14 +37,14 @@ def one_seed(seed: int, args) -> dict:
     log = []
     scoring = [0.0]
     in_updates = [0.0]
-    updates = trainer.closed_form_updates
+    updates = trainer.multimodal.closed_form_updates
 
     def timed_updates(*a, **k):
         tic = time.perf_counter()
         updates(*a, **k)
         in_updates[0] = time.perf_counter() - tic
 
-    trainer.closed_form_updates = timed_updates
+    trainer.multimodal.closed_form_updates = timed_updates
     start = time.perf_counter()
 
     def report(stage, epoch, metrics):

@@ -40,7 +40,7 @@ MNIST_H5 = REPO / "data" / "mnist_clean.h5"
 BIN = Path(sys.executable).parent
 
 # Caller of allreduce_sum -> what it reduces.
-KINDS = {"reduce_all": "em", "initialise_from_experts": "em", "_agree": "step_flags",
+KINDS = {"reduce_all": "em", "initialise_from_experts": "em", "agree": "step_flags",
          "broadcast_batchnorm_stats": "bn_sync", "precise_batchnorm": "bn_sync", "train_epoch": "metrics",
          "validation_elbo": "metrics", "cluster_table": "metrics"}
 
@@ -97,7 +97,7 @@ def worker(args) -> None:
         try:
             trainer = Trainer(cfg, ctx)
             tic = time.perf_counter()
-            trainer.initialise()
+            trainer.multimodal.initialise()
             init_s = time.perf_counter() - tic
             counts = trainer.train_data.global_counts(cfg.train.batch_size)
             epochs = []
@@ -106,10 +106,10 @@ def worker(args) -> None:
                 before = timer.snapshot()
                 tic = time.perf_counter()
                 if epoch > 0:  # as fit_multimodal: the initialisation stands in for epoch 0's pass
-                    trainer.closed_form_updates()
+                    trainer.multimodal.closed_form_updates()
                 em_s = time.perf_counter() - tic
                 tic = time.perf_counter()
-                trainer.train_epoch(epoch)
+                trainer.multimodal.train_epoch(epoch)
                 train_s = time.perf_counter() - tic
                 after = timer.snapshot()
                 steps = trainer.state["step"]

@@ -172,6 +172,10 @@ class TrainConfig:
     ridge: float = 1e-8
     # torch's SyncBatchNorm (CUDA only): BatchNorm statistics over the global batch instead of per rank.
     sync_batchnorm: bool = False
+    # Arithmetic of the networks in training steps: "fp32"; "bf16" = torch.autocast to bfloat16 (CPU with
+    # AMX/AVX512-BF16, or CUDA); "tf32" = CUDA matmuls and convolutions in TensorFloat-32. The ELBO's closed
+    # forms, the EM statistics, evaluation and checkpoints stay float32/float64 (docs/benchmarks.md).
+    precision: str = "fp32"
     # BatchNorm running statistics recomputed over this many training batches after each epoch, before
     # the EM pass reads the encoders in eval mode ("precise BN", pima_hpc/train/batchnorm.py); 0 = keep
     # torch's running averages, which lag the weights (MNIST seed 0: 99.26 % -> 99.55 % test).
@@ -196,6 +200,7 @@ class TrainConfig:
         _check(self.pretrain_epochs >= 0, "train.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")
         _choice(self.statistics, "train.statistics", ("exact", "streaming"))
+        _choice(self.precision, "train.precision", ("fp32", "bf16", "tf32"))
         _check(self.rls_sync_steps >= 0, "train.rls_sync_steps", "must be >= 0 (0 = at the epoch's end)")
         _check(self.ridge >= 0, "train.ridge", "must be >= 0")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = no cap)")

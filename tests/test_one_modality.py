@@ -44,7 +44,7 @@ def test_pretrain_initialisation_never_reads_labels(tmp_path, monkeypatch):
             real = trainer.train_data.read_batch
             monkeypatch.setattr(trainer.train_data, "read_batch",
                                 lambda idx: {**real(idx), "label": torch.full((len(idx),), -1)})
-        trainer.initialise()
+        trainer.multimodal.initialise()
         return {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer.state["init"]
     (a, info), (b, _) = initialised(False), initialised(True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

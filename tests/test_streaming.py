@@ -35,7 +35,7 @@ def test_streaming_sums_are_the_training_steps_own_posteriors(tmp_path, monkeypa
     """What the pass accumulates is gamma at z = mu of each step's forward, and the experts re-solved
     every rls_sync_steps steps equal the batch solve of exactly those steps' information."""
     trainer = Trainer(_cfg(tmp_path / "r"))
-    trainer.initialise()
+    trainer.multimodal.initialise()
     seen = []
     real_add = trainer.streaming.add
 
@@ -51,7 +51,7 @@ def test_streaming_sums_are_the_training_steps_own_posteriors(tmp_path, monkeypa
     monkeypatch.setattr(trainer.streaming, "add", spy)
     monkeypatch.setattr(trainer.streaming, "solve_experts",
                         lambda *a, **k: (real_solve(*a, **k), solves.append(trainer.model.theta("curve").copy())))
-    trainer.train_epoch(0)
+    trainer.multimodal.train_epoch(0)
     steps = len(seen)
     assert steps > 4 and len(solves) == (steps - 1) // 4  # mid-epoch syncs only; the epoch's end syncs in EM
     # the experts after the first sync: weighted least squares of the first 4 steps' curves

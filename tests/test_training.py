@@ -85,3 +85,18 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     assert len(untimed[0]) == 3 and untimed[0] == untimed[1]  # epoch 3's metrics too, not only the weights
     for (k, v), (k2, v2) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
+
+
+def test_loader_workers_train_exactly_as_the_training_process(tmp_path):
+    """data.num_workers=2: both stages read their batches in DataLoader workers, and the run is
+    bitwise the one that reads them itself (same batches, same order)."""
+    def history(name, *extra):
+        trainer = Trainer(_cfg(tmp_path / name, "train.epochs=2", "crossmodal.epochs=1", "figures=false", *extra))
+        trainer.run()
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in trainer.state["history"]], trainer.model
+
+    plain, plain_model = history("plain")
+    workers, workers_model = history("workers", "data.num_workers=2")
+    assert len(plain) == 3 and plain == workers
+    for (k, v), (_, v2) in zip(plain_model.state_dict().items(), workers_model.state_dict().items()):
+        assert torch.equal(v, v2), k

@@ -90,6 +90,19 @@ def test_good_file_parses(tmp_path):
     assert spec.name is None and spec.storage_path == (Path.cwd() / "runs" / "tune").resolve()
 
 
+def test_scheduler_short_forms_and_command_line_types(tmp_path, capsys):
+    """`scheduler: fifo` in the file and `scheduler=fifo` on the command line name the type; a
+    tune key of the wrong type on the command line is one line naming the key."""
+    spec = load_tune_spec(write(tmp_path / "t.yaml", "base: %s\nscheduler: fifo\nspace: {train.lr: {uniform: "
+                                "[0.001, 0.002]}}\n" % (Path.cwd() / "configs/digits.yaml")))
+    assert (spec.scheduler, spec.grace_period) == ("fifo", 1)
+    spec = load_tune_spec(tune_file(tmp_path / "u.yaml"), ["scheduler=fifo"])
+    assert spec.scheduler == "fifo"
+    assert main(["tune", str(tune_file(tmp_path / "v.yaml")), "num_samples=many"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tune key 'num_samples'" in err and "'many'" in err, err
+
+
 def test_base_is_found_next_to_the_tune_file(tmp_path):
     (tmp_path / "base.yaml").write_text("train: {epochs: 3}\n")
     text = "base: base.yaml\nspace: {train.lr: {uniform: [0.001, 0.002]}}\n"

@@ -254,3 +254,43 @@ class InMemorySplit(SplitReader):
         if self._labels is not None:
             out["label"] = self._labels[global_indices]
         return out
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches: ``ds[index_array] -> batch dict``."""
+
+    def __init__(self, reader: SplitReader):
+        self.reader = reader
+
+    def __getitem__(self, idx):
+        return self.reader.read_batch(idx)
+
+
+class _Plain:
+    """The in-process iterator over one epoch's batches (``len`` is the number of steps)."""
+
+    def __init__(self, reader, lists):
+        self.reader, self.lists = reader, lists
+
+    def __len__(self):
+        return len(self.lists)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for idx in self.lists:
+            yield self.reader.read_batch(idx)
+
+
+def batch_loader(reader: SplitReader, index_lists: list, num_workers: int = 0, prefetch_factor: int = 2):
+    """An iterable over the batches ``reader.read_batch(idx)`` for ``idx`` in ``index_lists``, in order.
+
+    With ``num_workers > 0`` the batches are read by a torch DataLoader (``batch_size=None`` over
+    the list of index arrays), each worker opening its own file handles, while this process trains;
+    the batches and their order are identical to the plain iterator's.
+    """
+    if num_workers <= 0:
+        return _Plain(reader, index_lists)
+    if hasattr(reader, "close"):
+        reader.close()  # the parent's handles must not be inherited by forked workers
+    return torch.utils.data.DataLoader(_Batches(reader), batch_size=None, sampler=index_lists, shuffle=False,
+                                       num_workers=num_workers, prefetch_factor=prefetch_factor,
+                                       persistent_workers=False)

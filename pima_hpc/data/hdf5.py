@@ -21,12 +21,10 @@ can be pickled or forked into DataLoader workers (HDF5 handles must not cross a 
 from __future__ import annotations
 
 import os
-from typing import Iterator
 
 import numpy as np
-import torch
 
-from pima_hpc.data.base import SplitReader, batch_sizes, rank_block
+from pima_hpc.data.base import SplitReader, batch_loader, batch_sizes, rank_block
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.layout import (LABEL, STORAGE_DTYPES, TRUTH_GROUP, UINT8_DIVISOR, DatasetInfo, check_part,
                                   describe, list_splits, open_h5, read_rows, stored_bytes_per_sample)
@@ -306,47 +304,13 @@ def read_truth(path, split: str, rank: int = 0, world_size: int = 1, fields: lis
     return out
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Map-style dataset whose items are whole batches: ``ds[index_array] -> batch dict``."""
-
-    def __init__(self, reader: SplitReader):
-        self.reader = reader
-
-    def __getitem__(self, idx):
-        return self.reader.read_batch(idx)
-
-
-class _Plain:
-    """The in-process iterator over one epoch's batches (``len`` is the number of steps)."""
-
-    def __init__(self, reader, lists):
-        self.reader, self.lists = reader, lists
-
-    def __len__(self):
-        return len(self.lists)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for idx in self.lists:
-            yield self.reader.read_batch(idx)
-
-
 def make_loader(reader: SplitReader, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
                 num_workers: int = 0, prefetch_factor: int = 2):
-    """An iterable over one epoch's batches (the same dicts as ``reader.read_batch``), in order.
-
-    With ``num_workers > 0`` the batches are read by a torch DataLoader (``batch_size=None``
-    over a sampler of index arrays), each worker opening its own file handles; the batches and
-    their order are identical to the plain iterator's.
-    """
-    lists = reader.batch_index_lists(batch_size, epoch, seed, shuffle)
-    if num_workers <= 0:
-        return _Plain(reader, lists)
-    if hasattr(reader, "close"):
-        reader.close()  # the parent's handles must not be inherited by forked workers
-    return torch.utils.data.DataLoader(_Batches(reader), batch_size=None, sampler=lists, shuffle=False,
-                                       num_workers=num_workers, prefetch_factor=prefetch_factor,
-                                       persistent_workers=False)
+    """An iterable over one epoch's batches (the same dicts as ``reader.read_batch``), in order
+    (:func:`batch_loader` over ``reader.batch_index_lists``)."""
+    return batch_loader(reader, reader.batch_index_lists(batch_size, epoch, seed, shuffle), num_workers,
+                        prefetch_factor)
 
 
-__all__ = ["open_split", "list_splits", "read_truth", "make_loader", "H5SplitReader", "partition_ranges",
+__all__ = ["open_split", "list_splits", "read_truth", "batch_loader", "make_loader", "H5SplitReader", "partition_ranges",
            "chunk_aware_order"]

@@ -39,6 +39,12 @@ def spread_points(n: int, dim: int, radius: float) -> torch.Tensor:
     return cand[chosen].clone()
 
 
+
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    """A network's output at least float32: under autocast (train.precision=bf16) it is bfloat16."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 class PIMA(nn.Module):
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig):
         super().__init__()
@@ -117,8 +123,8 @@ class PIMA(nn.Module):
         mus, logvars = [], []
         for name in self.names:
             mu, lv = self.encoders[name](batch[name])
-            mus.append(mu)
-            logvars.append(lv)
+            mus.append(_full_precision(mu))
+            logvars.append(_full_precision(lv))
         return mus, logvars
 
     def encode(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
@@ -181,6 +187,14 @@ class PIMA(nn.Module):
         """
         mu, logvar = self.encode(batch)
         z = elbo.reparameterize(mu, logvar, generator)
+        means = {name: _full_precision(self.decoders[name](z)) for name in self.image_names}
+        # The networks above may run under the caller's autocast (train.precision=bf16); the ELBO's
+        # closed forms below always run in float32.
+        with torch.autocast(z.device.type, enabled=False):
+            return self._elbo_terms(batch, mu, logvar, z, means, q_c, return_codes)
+
+    def _elbo_terms(self, batch, mu, logvar, z, means, q_c, return_codes):
+        """The per-sample terms from the fused posterior (mu, logvar), its sample z and the decoded means."""
         if q_c is None:
             log_gamma = self.cluster_log_posterior(batch, mu, logvar, z)
         else:
@@ -189,7 +203,7 @@ class PIMA(nn.Module):
         log_pi = self.log_pi()
         terms = {"recon": torch.zeros_like(mu[:, 0]), "expert": torch.zeros_like(mu[:, 0])}
         for name in self.image_names:
-            terms["recon"] = terms["recon"] + self.recon_log_likelihood(name, batch[name], self.decoders[name](z))
+            terms["recon"] = terms["recon"] + self.recon_log_likelihood(name, batch[name], means[name])
         for name in self.curve_names:
             ll = self.curve_log_likelihood(name, batch[name])
             terms["expert"] = terms["expert"] + (gamma * ll).sum(-1)

@@ -18,14 +18,17 @@ Everything up to the launch (reading and validating the tune file, every sampled
 through :func:`~pima_hpc.config.load_config`) is plain Python; Ray is imported only to run, so a
 bad tune file fails in a second with one line and ``pima tune --help`` works without Ray.
 
-One job per module: :mod:`.spec` (the tune file's schema and validation), :mod:`.trial` (what runs
+One job per module: :mod:`.spec` (the tune file's OmegaConf schema and validation), :mod:`.space`
+(the search space and sampled values as overrides), :mod:`.errors` (TuneError), :mod:`.trial` (what runs
 in Ray's worker processes), :mod:`.sweep` (the driver: Ray, the Tuner, resume), :mod:`.results`
 (the ranked table, results.csv, best_config.yaml) and :mod:`.cli` (``pima tune``).
 """
 
 from pima_hpc.tune.cli import add_tune_command, cmd_tune
+from pima_hpc.tune.errors import TuneError
 from pima_hpc.tune.results import SweepResult, TrialRow, format_table, rank_rows, write_results_csv
-from pima_hpc.tune.spec import TuneError, TuneSpec, format_value, load_tune_spec
+from pima_hpc.tune.space import format_value
+from pima_hpc.tune.spec import TuneSpec, load_tune_spec
 from pima_hpc.tune.sweep import run_sweep
 
 __all__ = ["SweepResult", "TrialRow", "TuneError", "TuneSpec", "add_tune_command", "cmd_tune", "format_table",

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 from pima_hpc.config import load_config
-from pima_hpc.tune.spec import TuneError, TuneSpec, format_value, overrides_for
+from pima_hpc.tune.errors import TuneError
+from pima_hpc.tune.space import format_value, overrides_for
+from pima_hpc.tune.spec import TuneSpec
 
 log = logging.getLogger("pima")
 

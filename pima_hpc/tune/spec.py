@@ -1,4 +1,4 @@
-"""The tune file: its schema, validation and the search space (no Ray here).
+"""The tune file: its OmegaConf schema, the command line's tune keys, and the validated sweep (no Ray here).
 
 See pima_hpc.tune for the whole picture and docs/tune.md for the format.
 """
@@ -6,77 +6,93 @@ See pima_hpc.tune for the whole picture and docs/tune.md for the format.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import logging
-import numbers
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from pima_hpc.config import Config, ConfigError, load_config
+from pima_hpc.tune.errors import TuneError, did_you_mean
+from pima_hpc.tune.space import Distribution, config_leaf_types, overrides_for, parse_distribution
 
 log = logging.getLogger("pima")
-
-
-class TuneError(ConfigError):
-    """A tune file, sweep directory or Ray cluster problem the user can fix (one line, exit 2)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # The tune file
 
-TUNE_KEYS = ("base", "overrides", "space", "num_samples", "scheduler", "search", "search_seed",
-             "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_concurrent_trials",
-             "metric", "mode", "storage_path", "name")
-SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
 SCHEDULERS = ("asha", "fifo")
 SEARCHES = ("random", "optuna")
 METRICS = ("val_elbo",)
-KINDS = ("loguniform", "uniform", "randint", "choice")
-
-# Keys a sweep may not sample, and why (the prefix form covers a whole section).
-RESERVED = {
-    "run_dir": "every trial gets its own run_dir under the trial's directory",
-    "stages": "trials train the multimodal stage, the only one the selection metric depends on",
-    "crossmodal.": "the selection metric (val_elbo) does not depend on the cross-modal encoders",
-    "train.epochs": "it is the trial budget (ASHA's max_t); set it under overrides",
-    "data.": "trials must see the same data for their validation ELBOs to be comparable; "
-             "set data.* under overrides",
-    "device": "set from gpus_per_worker",
-    "threads": "set from cpus_per_worker",
-    "dist.": "Ray sets up the trials' process groups",
-    "figures": "trials write no figures",
-    "train.progress": "trials show no progress bars",
-}
 
 DEFAULT_NUM_SAMPLES = 8
 DEFAULT_STORAGE = "runs/tune"
 
 
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise TuneError(message)
+
+
 @dataclass
-class Distribution:
-    """One search dimension. ``randint: [a, b]`` includes b (Ray's randint excludes its upper end)."""
+class SchedulerSchema:
+    """``scheduler:`` of a tune file (or just its type: ``scheduler: fifo``)."""
 
-    kind: str
-    args: list
+    type: str = "asha"
+    grace_period: int = 1        # epochs before ASHA may stop a trial
+    reduction_factor: float = 2.0
 
-    def to_ray(self):
-        from ray import tune
+    def __post_init__(self):
+        _require(self.type in SCHEDULERS, f"scheduler type must be one of {list(SCHEDULERS)}, got {self.type!r}"
+                                          f"{did_you_mean(self.type, SCHEDULERS)}")
+        _require(self.grace_period >= 1, f"scheduler.grace_period must be an integer >= 1 (epochs), "
+                                         f"got {self.grace_period!r}")
+        _require(self.reduction_factor > 1, f"scheduler.reduction_factor must be > 1, got {self.reduction_factor:g}")
 
-        if self.kind == "loguniform":
-            return tune.loguniform(*self.args)
-        if self.kind == "uniform":
-            return tune.uniform(*self.args)
-        if self.kind == "randint":
-            return tune.randint(self.args[0], self.args[1] + 1)
-        return tune.choice(list(self.args))
 
-    def corners(self) -> list:
-        """The values worth validating: both ends of a range, every choice."""
-        return list(self.args)
+@dataclass
+class TuneFileSchema:
+    """The tune file as written (docs/tune.md): OmegaConf merges the YAML and the command line's
+    tune keys onto it and rejects unknown keys and wrong types; the checks below give the rest."""
+
+    base: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+    space: Dict[str, Any] = field(default_factory=dict)
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
+    search: str = "random"
+    search_seed: Optional[int] = None
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 0
+    metric: str = "val_elbo"
+    mode: str = "max"
+    storage_path: Optional[str] = None
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        for key, low in (("num_samples", 1), ("workers_per_trial", 1), ("max_concurrent_trials", 0)):
+            _require(getattr(self, key) >= low, f"{key} must be an integer >= {low}, got {getattr(self, key)!r}")
+        _require(self.search_seed is None or self.search_seed >= 0,
+                 f"search_seed must be an integer >= 0, got {self.search_seed!r}")
+        _require(self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker:g}")
+        _require(self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker:g}")
+        _require(self.search in SEARCHES, f"search must be one of {list(SEARCHES)}, got {self.search!r}"
+                                          f"{did_you_mean(self.search, SEARCHES)}")
+        _require(self.metric != "val_accuracy", "metric val_accuracy uses the labels, which an unsupervised model "
+                 "must not be selected on; trials are ranked by val_elbo and val_accuracy is only reported")
+        _require(self.metric in METRICS, f"metric must be one of {list(METRICS)}, got {self.metric!r}"
+                                          f"{did_you_mean(self.metric, METRICS)}")
+        _require(self.mode == "max", f"mode must be 'max' (the ELBO is maximised), got {self.mode!r}")
+        _require(self.storage_path is None or bool(self.storage_path),
+                 f"storage_path must be a directory path, got {self.storage_path!r}")
+        _require(self.name is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)),
+                 f"name must be a plain directory name (letters, digits, . _ -), got {self.name!r}")
+
+
+TUNE_KEYS = tuple(f.name for f in dataclasses.fields(TuneFileSchema))
 
 
 @dataclass
@@ -107,111 +123,7 @@ class TuneSpec:
         return self.source.stem
 
 
-def _did_you_mean(word: str, choices) -> str:
-    word, choices = str(word), [str(c) for c in choices]
-    guess = difflib.get_close_matches(word, choices, n=1, cutoff=0.6) or [
-        c for c in choices if len(word) >= 3 and c.startswith(word)][:1]
-    return f"; did you mean {guess[0]!r}?" if guess else ""
 
-
-def config_leaf_types(schema=Config, prefix: str = "") -> dict[str, Any]:
-    """Every dotted leaf key of the run config with its type (``model.latent_dim`` -> int)."""
-    out = {}
-    for name, tp in typing.get_type_hints(schema).items():
-        if dataclasses.is_dataclass(tp):
-            out.update(config_leaf_types(tp, prefix + name + "."))
-        else:
-            out[prefix + name] = tp
-    return out
-
-
-def format_value(value) -> str:
-    """A sampled value as the right-hand side of a ``key=value`` override (YAML flow syntax)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
-        return "true" if value else "false"
-    if isinstance(value, numbers.Integral):
-        return str(int(value))
-    if isinstance(value, numbers.Real):
-        text = repr(float(value))
-        mantissa, e, exponent = text.partition("e")
-        # YAML reads 1e-05 as a string: its floats need a dot in the mantissa.
-        if e and "." not in mantissa:
-            text = f"{mantissa}.0e{exponent}"
-        return text
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) as a config override")
-
-
-def overrides_for(values: dict[str, Any]) -> list[str]:
-    return [f"{key}={format_value(val)}" for key, val in values.items()]
-
-
-def _number(value, where: str, integer: bool = False):
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
-            integer and not float(value).is_integer()):
-        raise TuneError(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-def _reserved_reason(key: str) -> Optional[str]:
-    for prefix, why in RESERVED.items():
-        if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
-            return why
-    return None
-
-
-def parse_distribution(key: str, value, leaf_types: dict[str, Any], where: str) -> Distribution:
-    """Check one ``space`` entry: a known, sweepable key and a well-formed distribution for its type."""
-    if key not in leaf_types:
-        raise TuneError(f"{where}: space key {key!r} is not a config key{_did_you_mean(key, leaf_types)}")
-    why = _reserved_reason(key)
-    if why:
-        raise TuneError(f"{where}: space key {key!r} cannot be swept: {why}")
-    example = "{loguniform: [1e-4, 1e-2]}, {uniform: [a, b]}, {randint: [a, b]} or {choice: [...]}"
-    if not isinstance(value, dict) or len(value) != 1:
-        raise TuneError(f"{where}: space key {key!r} must be one distribution such as {example}, got {value!r}")
-    (kind, args), = value.items()
-    at = f"{where}: space key {key!r}"
-    if kind not in KINDS:
-        raise TuneError(f"{at}: unknown distribution {kind!r}{_did_you_mean(kind, KINDS)} "
-                        f"(one of {list(KINDS)})")
-    if not isinstance(args, list) or not args:
-        raise TuneError(f"{at}: {kind} takes a non-empty list, e.g. {example}; got {args!r}")
-    tp = leaf_types[key]
-    if kind == "choice":
-        if any(isinstance(a, dict) for a in args):
-            raise TuneError(f"{at}: choice values must be scalars or lists, got {args!r}")
-        return Distribution(kind, list(args))
-    if len(args) != 2:
-        raise TuneError(f"{at}: {kind} takes [low, high], got {args!r}")
-    if kind == "randint":
-        if tp not in (int, float):
-            raise TuneError(f"{at}: {kind} needs a numeric key, but {key} is {_type_name(tp)}; use choice")
-        low, high = (_number(a, f"{at} ({kind})", integer=True) for a in args)
-    else:
-        if tp is not float:
-            hint = "use randint or choice" if tp is int else "use choice"
-            raise TuneError(f"{at}: {kind} samples floats but {key} is {_type_name(tp)}; {hint}")
-        low, high = (_number(a, f"{at} ({kind})") for a in args)
-    if not low < high:
-        raise TuneError(f"{at}: {kind} needs low < high, got {args!r} (a constant belongs under overrides)")
-    if kind == "loguniform" and low <= 0:
-        raise TuneError(f"{at}: loguniform needs 0 < low < high, got {args!r}")
-    return Distribution(kind, [low, high])
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _resolve_base(value, tune_file: Path, where: str) -> Path:
@@ -242,41 +154,60 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _split_cli_overrides(items: list[str], where: str) -> tuple[dict, list[str]]:
+def _split_cli_overrides(items: list[str], where: str) -> tuple[list[str], list[str]]:
     """``key=value`` arguments: tune keys (``num_samples=16``, ``scheduler.grace_period=2``) change
     the tune file; everything else is a config override for every trial."""
-    from omegaconf import OmegaConf
-
-    tune_updates, config_overrides = {}, []
+    tune_items, config_overrides = [], []
     for item in items:
-        key, eq, _ = item.partition("=")
+        key, eq, value = item.partition("=")
         if not eq or not key:
             raise TuneError(f"{where}: argument {item!r} must look like key=value (num_samples=16, train.lr=1e-3)")
         top = key.split(".")[0]
-        if top not in TUNE_KEYS:
-            config_overrides.append(item)
-            continue
+        if key == "scheduler" and not value.lstrip().startswith("{"):  # the short form, scheduler=fifo
+            item = f"scheduler.type={value}"
         if top in ("space", "overrides"):
             raise TuneError(f"{where}: {top!r} cannot be set on the command line; edit the tune file "
                             "(config keys such as train.epochs=4 apply to every trial)")
-        try:
-            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
-        except Exception as exc:
-            raise TuneError(f"{where}: argument {item!r}: {str(exc).splitlines()[0]}") from None
-        for k, v in parsed.items():
-            if k == "scheduler" and isinstance(v, dict):
-                tune_updates.setdefault("scheduler", {}).update(v)
-            else:
-                tune_updates[k] = v
-    return tune_updates, config_overrides
+        (tune_items if top in TUNE_KEYS else config_overrides).append(item)
+    return tune_items, config_overrides
 
 
-def _merge_scheduler(old, new):
-    if isinstance(new, dict):
-        base = {"type": old} if isinstance(old, str) else dict(old or {})
-        base.update(new)
-        return base
-    return new
+def _unknown_tune_key(key: str) -> str:
+    top = key.split(".")[0]
+    if top == "scheduler":
+        sub = key.split(".", 1)[-1]
+        known = [f.name for f in dataclasses.fields(SchedulerSchema)]
+        return f"unknown scheduler key {sub!r}{did_you_mean(sub, known)}"
+    hint = did_you_mean(top, TUNE_KEYS)
+    if not hint and top in {f.name for f in dataclasses.fields(Config)}:
+        hint = "; config settings go under overrides: [key=value, ...] or in the base config"
+    return f"unknown tune key {top!r}{hint}"
+
+
+def _read_tune_file(raw: dict, cli_items: list[str], where: str) -> TuneFileSchema:
+    """The tune file and the command line's tune keys merged onto the schema, validated."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(raw.get("scheduler"), str):  # the short form, `scheduler: fifo`
+        raw = {**raw, "scheduler": {"type": raw["scheduler"]}}
+    layers = [(raw, where)] + [(item, f"argument {item!r}") for item in cli_items]
+    merged = OmegaConf.structured(TuneFileSchema)
+    try:
+        for layer, origin in layers:
+            try:
+                layer = OmegaConf.from_dotlist([layer]) if isinstance(layer, str) else OmegaConf.create(layer)
+                merged = OmegaConf.merge(merged, layer)
+            except ConfigKeyError as exc:
+                raise TuneError(f"{where}: {_unknown_tune_key(exc.full_key or exc.key or '')}") from None
+            except OmegaConfBaseException as exc:
+                key = getattr(exc, "full_key", None)
+                raise TuneError(f"{where}: {origin}: {('tune key ' + repr(key) + ': ') if key else ''}"
+                                f"{str(exc).splitlines()[0]}") from None
+        return OmegaConf.to_object(merged)
+    except TuneError as exc:
+        message = str(exc)
+        raise TuneError(message if message.startswith(f"{where}: ") else f"{where}: {message}") from None
 
 
 def _is_training_config(raw: dict) -> bool:
@@ -303,41 +234,36 @@ def load_tune_spec(path: str | Path, cli_overrides: Optional[list[str]] = None) 
     tune_file = Path(path).resolve()
     where = str(path)
     raw = _read_yaml(tune_file)
-    updates, extra_overrides = _split_cli_overrides(list(cli_overrides or []), where)
+    tune_items, extra_overrides = _split_cli_overrides(list(cli_overrides or []), where)
     if _is_training_config(raw):
         log.info("%s is a training config: sweeping the default space (train.lr, loss.expert_weight, "
                  "loss.prior_weight); write a tune file to choose your own (docs/tune.md)", where)
         base_cfg = load_config(tune_file, extra_overrides)
         raw = {"base": str(tune_file), "space": default_space(base_cfg)}
-    for key in raw:
-        if key not in TUNE_KEYS:
-            hint = _did_you_mean(key, TUNE_KEYS)
-            if not hint and key in {f.name for f in dataclasses.fields(Config)}:
-                hint = "; config settings go under overrides: [key=value, ...] or in the base config"
-            raise TuneError(f"{where}: unknown tune key {key!r}{hint}")
-    for key, val in updates.items():
-        raw[key] = _merge_scheduler(raw.get(key), val) if key == "scheduler" else val
+    file = _read_tune_file(raw, tune_items, where)
 
-    base = _resolve_base(raw["base"], tune_file, where) if raw.get("base") is not None else None
-    overrides = raw.get("overrides") or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise TuneError(f"{where}: overrides must be a list of key=value strings, got {overrides!r}")
-    overrides = list(overrides) + extra_overrides
+    base = _resolve_base(file.base, tune_file, where) if file.base is not None else None
+    overrides = list(file.overrides) + extra_overrides
     try:
         base_cfg = load_config(base, overrides)
     except ConfigError as exc:
         raise TuneError(f"{where}: base config and overrides: {exc}") from None
 
-    space_raw = raw.get("space")
-    if not isinstance(space_raw, dict) or not space_raw:
+    if not file.space:
         raise TuneError(f"{where}: space must map config keys to distributions, e.g. "
                         "space: {train.lr: {loguniform: [1e-4, 1e-2]}}")
     leaf_types = config_leaf_types()
-    space = {str(k): parse_distribution(str(k), v, leaf_types, where) for k, v in space_raw.items()}
+    space = {str(k): parse_distribution(str(k), v, leaf_types, where) for k, v in file.space.items()}
 
-    spec = TuneSpec(source=tune_file, base=base, overrides=overrides, space=space,
-                    epochs=base_cfg.train.epochs)
-    _fill_settings(spec, raw, where)
+    sched = file.scheduler
+    spec = TuneSpec(source=tune_file, base=base, overrides=overrides, space=space, epochs=base_cfg.train.epochs,
+                    num_samples=file.num_samples, scheduler=sched.type, grace_period=sched.grace_period,
+                    reduction_factor=sched.reduction_factor, search=file.search, search_seed=file.search_seed,
+                    workers_per_trial=file.workers_per_trial, cpus_per_worker=file.cpus_per_worker,
+                    gpus_per_worker=file.gpus_per_worker, max_concurrent_trials=file.max_concurrent_trials,
+                    metric=file.metric, name=file.name)
+    if file.storage_path is not None:
+        spec.storage_path = Path(file.storage_path).expanduser().resolve()
     if spec.epochs < 1:
         raise TuneError(f"{where}: train.epochs is {spec.epochs}; a sweep needs at least one epoch per trial")
     if spec.scheduler == "asha" and spec.grace_period > spec.epochs:
@@ -345,77 +271,6 @@ def load_tune_spec(path: str | Path, cli_overrides: Optional[list[str]] = None) 
                         f"({spec.epochs}), the trial budget")
     _check_samples(spec, base_cfg, where)
     return spec
-
-
-def _fill_settings(spec: TuneSpec, raw: dict, where: str) -> None:
-    def integer(key, low):
-        if key in raw:
-            val = raw[key]
-            if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise TuneError(f"{where}: {key} must be an integer >= {low}, got {val!r}")
-            setattr(spec, key, val)
-
-    def real(key, low, strict):
-        if key in raw:
-            val = _number(raw[key], f"{where}: {key}")
-            if val < low or (strict and val == low):
-                raise TuneError(f"{where}: {key} must be {'>' if strict else '>='} {low}, got {raw[key]!r}")
-            setattr(spec, key, val)
-
-    def one_of(key, choices):
-        if key in raw:
-            if raw[key] not in choices:
-                raise TuneError(f"{where}: {key} must be one of {list(choices)}, got {raw[key]!r}"
-                                f"{_did_you_mean(raw[key], choices)}")
-            setattr(spec, key, raw[key])
-
-    integer("num_samples", 1)
-    integer("workers_per_trial", 1)
-    integer("max_concurrent_trials", 0)
-    real("cpus_per_worker", 0, strict=True)
-    real("gpus_per_worker", 0, strict=False)
-    one_of("search", SEARCHES)
-    if "metric" in raw and raw["metric"] == "val_accuracy":
-        raise TuneError(f"{where}: metric val_accuracy uses the labels, which an unsupervised model must not be "
-                        "selected on; trials are ranked by val_elbo and val_accuracy is only reported")
-    one_of("metric", METRICS)
-    if raw.get("mode", "max") != "max":
-        raise TuneError(f"{where}: mode must be 'max' (the ELBO is maximised), got {raw['mode']!r}")
-    if raw.get("search_seed") is not None:
-        integer("search_seed", 0)
-    if raw.get("storage_path") is not None:
-        if not isinstance(raw["storage_path"], str) or not raw["storage_path"]:
-            raise TuneError(f"{where}: storage_path must be a directory path, got {raw['storage_path']!r}")
-        spec.storage_path = Path(raw["storage_path"]).expanduser().resolve()
-    if raw.get("name") is not None:
-        name = str(raw["name"])
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise TuneError(f"{where}: name must be a plain directory name (letters, digits, . _ -), got {name!r}")
-        spec.name = name
-
-    sched = raw.get("scheduler", "asha")
-    sched = {"type": sched} if isinstance(sched, str) else sched
-    if not isinstance(sched, dict):
-        raise TuneError(f"{where}: scheduler must be 'asha', 'fifo' or a mapping such as "
-                        f"{{type: asha, grace_period: 1, reduction_factor: 2}}, got {sched!r}")
-    for key in sched:
-        if key not in SCHEDULER_KEYS:
-            raise TuneError(f"{where}: unknown scheduler key {key!r}{_did_you_mean(key, SCHEDULER_KEYS)}")
-    kind = sched.get("type", "asha")
-    if kind not in SCHEDULERS:
-        raise TuneError(f"{where}: scheduler type must be one of {list(SCHEDULERS)}, got {kind!r}"
-                        f"{_did_you_mean(kind, SCHEDULERS)}")
-    spec.scheduler = kind
-    if "grace_period" in sched:
-        gp = sched["grace_period"]
-        if isinstance(gp, bool) or not isinstance(gp, int) or gp < 1:
-            raise TuneError(f"{where}: scheduler.grace_period must be an integer >= 1 (epochs), got {gp!r}")
-        spec.grace_period = gp
-    if "reduction_factor" in sched:
-        rf = _number(sched["reduction_factor"], f"{where}: scheduler.reduction_factor")
-        if rf <= 1:
-            raise TuneError(f"{where}: scheduler.reduction_factor must be > 1, got {rf}")
-        spec.reduction_factor = rf
 
 
 def _check_samples(spec: TuneSpec, base_cfg: Config, where: str) -> None:

@@ -14,7 +14,9 @@ from typing import Optional
 
 from pima_hpc.config import load_config, save_config
 from pima_hpc.tune.results import SweepResult, finish_sweep, rows_from_results
-from pima_hpc.tune.spec import TuneError, TuneSpec, format_value
+from pima_hpc.tune.errors import TuneError
+from pima_hpc.tune.space import format_value
+from pima_hpc.tune.spec import TuneSpec
 from pima_hpc.tune.trial import TrialPlan, free_train_placement_group, run_trial, trial_dirname
 
 log = logging.getLogger("pima")

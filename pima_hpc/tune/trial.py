@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pima_hpc.config import Config, load_config
-from pima_hpc.tune.spec import format_value, overrides_for
+from pima_hpc.tune.space import format_value, overrides_for
 
 log = logging.getLogger("pima")
 
