@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -30,6 +31,8 @@ from pima_hpc.train.trainer import Trainer  # noqa: E402
 
 
 def one_seed(seed: int, args) -> dict:
+    # A fresh run directory: a finished run left there (another --set) would only be re-evaluated.
+    shutil.rmtree(Path(args.workdir) / f"seed{seed}", ignore_errors=True)
     cfg = load_config(ROOT / "configs/mnist.yaml", [
         f"data.path={args.data}", f"seed={seed}", f"run_dir={args.workdir}/seed{seed}", f"train.epochs={args.epochs}",
         "stages=[multimodal]", "figures=false", "train.progress=false", f"threads={args.threads}", *args.set])

@@ -100,3 +100,32 @@ def test_loader_workers_train_exactly_as_the_training_process(tmp_path):
     assert len(plain) == 3 and plain == workers
     for (k, v), (_, v2) in zip(plain_model.state_dict().items(), workers_model.state_dict().items()):
         assert torch.equal(v, v2), k
+
+
+def test_bf16_autocast_runs_the_networks_in_bf16_and_the_elbo_in_float32(tmp_path):
+    """train.precision=bf16: under autocast the networks' outputs are bfloat16, the ELBO terms the
+    model returns are float32 and within bf16's rounding of the fp32 terms; a short run trains."""
+    trainer = Trainer(_cfg(tmp_path / "unit", "stages=[multimodal]", "figures=false"))
+    model = trainer.model.eval()
+    batch = trainer.train_data.read_batch(trainer.train_data.indices[:64])
+    name = model.image_names[0]
+    with torch.no_grad():
+        exact = model(batch, torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.encoders[name](batch[name])[0].dtype == torch.bfloat16
+            low = model(batch, torch.Generator().manual_seed(0))
+    for k, v in exact.items():
+        assert low[k].dtype == torch.float32, k
+        np.testing.assert_allclose(low[k].numpy(), v.numpy(), rtol=0.05, atol=0.05 * float(v.abs().mean()) + 1e-6,
+                                   err_msg=k)
+    short = Trainer(_cfg(tmp_path / "run", "train.epochs=2", "crossmodal.epochs=1", "figures=false",
+                         "train.precision=bf16"))
+    metrics = short.run()
+    assert all(np.isfinite(v) for h in short.state["history"] for k, v in h.items() if k != "stage")
+    assert metrics["multimodal"]["test"]["accuracy"] > 0.5
+
+
+def test_tf32_on_cpu_is_a_config_error(tmp_path):
+    from pima_hpc.errors import ConfigError
+    with pytest.raises(ConfigError, match="tf32 is a mode of CUDA"):
+        Trainer(_cfg(tmp_path, "train.precision=tf32"))
