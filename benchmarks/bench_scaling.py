@@ -105,7 +105,7 @@ def worker(args) -> None:
                 trainer.state["epoch"], trainer.state["step"] = epoch, 0
                 before = timer.snapshot()
                 tic = time.perf_counter()
-                if epoch > 0:  # as fit_multimodal: the initialisation stands in for epoch 0's pass
+                if epoch > 0:  # as MultimodalStage.fit: the initialisation stands in for epoch 0's pass
                     trainer.multimodal.closed_form_updates()
                 em_s = time.perf_counter() - tic
                 tic = time.perf_counter()
