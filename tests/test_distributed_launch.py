@@ -20,7 +20,7 @@ from pima_hpc.collective import Collective
 from pima_hpc.distributed import (DistributedSetupError, LaunchInfo, detect_launcher, first_host,
                                   mpi4py_available, parse_hostlist, parse_tasks_per_node, setup_distributed,
                                   slurm_master_port)
-from pima_hpc.distributed import launch as launch_mod
+from pima_hpc.distributed import setup as launch_mod
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,9 @@ imports this package: it only sees :class:`pima_hpc.collective.Collective`.
 
 from pima_hpc.distributed.collectives import (DistributedSetupError, MPICollective, TorchCollective,
                                               mpi4py_available)
-from pima_hpc.distributed.launch import (LaunchInfo, detect_launcher, first_host, parse_hostlist,
-                                         parse_tasks_per_node, setup_distributed, shutdown, slurm_master_port)
+from pima_hpc.distributed.launchers import (LaunchInfo, detect_launcher, first_host, parse_hostlist,
+                                            parse_tasks_per_node, slurm_master_port)
+from pima_hpc.distributed.setup import setup_distributed, shutdown
 
 __all__ = [
     "DistributedSetupError", "LaunchInfo", "MPICollective", "TorchCollective",

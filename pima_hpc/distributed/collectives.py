@@ -19,7 +19,7 @@ The header element is a checksum of the array shapes. Ranks that pass different 
 such as a per-rank cluster count) would otherwise sum unrelated numbers; the checksum turns that
 into an error on every rank.
 
-mpi4py is imported only by :func:`import_mpi`, which :mod:`pima_hpc.distributed.launch` calls
+mpi4py is imported only by :func:`import_mpi`, which :mod:`pima_hpc.distributed.setup` calls
 only under an MPI launcher (or when ``collective="mpi"`` is forced): importing it elsewhere
 initialises a singleton MPI world, which is at best wasted and at worst (under torchrun) a
 world of size 1 that would silently sum one rank's statistics. :class:`MPICollective` refuses
