@@ -4,6 +4,7 @@
     pima evaluate RUN_DIR                 recompute metrics and figures of a finished run
     pima show RUN_DIR                     print a run's config summary, history and metrics
     pima predict RUN_DIR INPUT... --out DIR   clusters, posteriors, absent curves/images for new samples
+    pima select-k CONFIG --range 2:20     choose the number of clusters without labels (BIC/ICL, held-out)
     pima data ...                         build datasets (MNIST, lattice, your own data)
     pima tune CONFIG                      Ray Tune sweep
 
@@ -36,6 +37,23 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     return train_from_config(cfg)
+
+
+def cmd_select_k(args) -> int:
+    from pima_hpc.config import load_config
+    from pima_hpc.train.select_k import parse_k_range, select_k
+
+    cfg = load_config(args.config, args.overrides)
+    result = select_k(cfg, parse_k_range(args.range), args.criterion)
+    if _rank() == 0:
+        for r in result["scores"]:
+            held = f"  held-out log-lik {r['heldout']:.4f}" if r["heldout"] is not None else ""
+            print(f"K={r['k']:3d}  BIC {r['bic']:.6g}  ICL {r['icl']:.6g}{held}")
+        print(f"chosen K = {result['chosen_k']} (lowest {args.criterion.upper()}" if args.criterion != "heldout" else
+              f"chosen K = {result['chosen_k']} (highest held-out log-likelihood", end="")
+        print(f"); wrote {', '.join(result.get('written', []))}; train with model.n_clusters={result['chosen_k']} "
+              "train.init=pretrain")
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -108,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 run_dir=runs/x")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("select-k", help="choose the number of clusters without labels (pre-train, then BIC/ICL)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (its train.pretrain_* settings are used)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides; select_k.json/.png go to run_dir")
+    p.add_argument("--range", default="2:20", help="cluster counts: LO:HI inclusive or a comma list (default 2:20)")
+    p.add_argument("--criterion", default="icl", choices=("icl", "bic", "heldout"),
+                   help="icl (default): BIC plus the assignment entropy; bic; heldout: validation log-likelihood")
+    p.set_defaults(func=cmd_select_k)
 
     p = sub.add_parser("evaluate", help="recompute metrics and figures of a run directory")
     p.add_argument("run_dir")

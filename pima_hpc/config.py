@@ -151,10 +151,19 @@ class TrainConfig:
     # q(c|X) on this fraction of the training set: an unsupervised check that clusters are formed.
     max_warmup_epochs: int = 5
     warmup_agreement: float = 0.98
-    # Cluster initialisation: k-means++ on per-sample expert fits ("experts") or random ("random").
+    # Cluster initialisation: k-means++ on per-sample expert fits ("experts"), random ("random"), a
+    # Gaussian mixture on the fused latent means after an autoencoder pre-training on every modality
+    # ("pretrain"), or "auto": experts and pretrain both tried, each followed by init_trial_epochs of
+    # training, and the one with the higher validation ELBO kept (labels never read; docs/method.md).
     init: str = "experts"
-    # train.init=pretrain: epochs of autoencoder pre-training before the latent Gaussian mixture is fitted.
+    # train.init=pretrain/auto: epochs of autoencoder pre-training before the latent Gaussian mixture is fitted.
     pretrain_epochs: int = 5
+    # Pre-training likelihood of each modality (calibrated variances either way): "values" = summed over
+    # its values (an image of 784 pixels outweighs a 20-point curve); "modalities" = each modality's mean
+    # per value, so every modality counts alike; "images" = the images alone are reconstructed.
+    pretrain_balance: str = "values"
+    # train.init=auto: epochs of ordinary training after each candidate initialisation before they are compared.
+    init_trial_epochs: int = 1
     # Optional EM updates of the cluster variances and weights (from sum gamma*mu^2).
     em_variances: bool = True
     # One spherical variance shared by all clusters (robust latent-only assignment) or diagonal per cluster.
@@ -196,7 +205,9 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
         _check(self.max_warmup_epochs >= self.warmup_epochs, "train.max_warmup_epochs", "must be >= train.warmup_epochs")
         _check(0.0 <= self.warmup_agreement <= 1.0, "train.warmup_agreement", "must be in [0, 1]")
-        _choice(self.init, "train.init", ("experts", "random", "pretrain"))
+        _choice(self.init, "train.init", ("experts", "random", "pretrain", "auto"))
+        _choice(self.pretrain_balance, "train.pretrain_balance", ("values", "modalities", "images"))
+        _check(self.init_trial_epochs >= 1, "train.init_trial_epochs", f"must be >= 1, got {self.init_trial_epochs}")
         _check(self.pretrain_epochs >= 0, "train.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")
         _choice(self.statistics, "train.statistics", ("exact", "streaming"))

@@ -100,6 +100,18 @@ def test_synthetic_build_and_noise(tmp_path):
     assert {f["file"].rsplit("/", 1)[-1] for f in info.provenance["sources"].values()} == set(FILES.values())
 
 
+def test_pairs_curve_law_names_only_the_pair(tmp_path):
+    """--curve-law pairs: the slope is floor(c / 2), so the curve tells 0 from 2 but not 0 from 1."""
+    src = fake_mnist(tmp_path / "idx", gz=False)
+    out = build_mnist(src, tmp_path / "m.h5", "clean", progress=False, curve_law="pairs")
+    train = open_split(out, "train")
+    np.testing.assert_allclose(slopes(train), train.labels() // 2, atol=0.02)
+    assert describe(out).provenance["curve_law"] == "pairs"
+    with pytest.raises(DataError, match="--curve-law must be one of"):
+        build_mnist(src, tmp_path / "n.h5", progress=False, curve_law="triples")
+    assert not (tmp_path / "n.h5").exists()
+
+
 def test_missing_idx_file_is_named(tmp_path):
     src = fake_mnist(tmp_path / "idx")
     (src / (FILES["test_labels"] + ".gz")).unlink()

@@ -222,6 +222,34 @@ def test_two_ranks_train_like_one_rank_with_the_same_global_batch(tmp_path):
 
 
 @needs_torchrun
+def test_two_ranks_pretrain_initialisation_equals_one_rank(tmp_path):
+    """train.init=pretrain on 2 ranks: the per-step calibrated variances come from the global batch (one
+    allreduce), the gradients are DDP's average and the mixture is fitted to the rank-gathered means, so the
+    pre-training losses, noise levels, mixture and the first epoch trained from them equal one process with
+    the same global batches (float64; per-rank BatchNorm emulated by the ghost BatchNorm, as above)."""
+    over = ["--", "train.init=pretrain", "train.pretrain_epochs=2", "model.image_noise=learned"]
+    one, _ = launch([sys.executable, TRAIN_WORKER, "--out", tmp_path, "--tag", "one", "--batch-size", 32,
+                     "--bn", "ghost", "--dtype", "float64", *over])
+    assert one.returncode == 0, fail_message(one)
+    two, _ = launch([TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN_WORKER, "--out", tmp_path,
+                     "--tag", "two", "--batch-size", 16, "--dtype", "float64", *over])
+    assert two.returncode == 0, fail_message(two)
+    init = {tag: json.loads((tmp_path / f"{tag}-float64-rank0.json").read_text())["init"]
+            for tag in ("one-ghost", "two-ddp")}
+    assert init["two-ddp"]["method"] == "pretrain" and len(init["two-ddp"]["pretrain_losses"]) == 2
+    np.testing.assert_allclose(init["two-ddp"]["pretrain_losses"], init["one-ghost"]["pretrain_losses"], rtol=1e-10)
+    for name, std in init["one-ghost"]["pretrain_noise_std"].items():
+        assert init["two-ddp"]["pretrain_noise_std"][name] == pytest.approx(std, rel=1e-8), name
+    assert init["two-ddp"]["gmm_mean_log_likelihood"] == pytest.approx(init["one-ghost"]["gmm_mean_log_likelihood"],
+                                                                       rel=1e-8)
+    # the first epoch trained from that initialisation (the second drifts by ~1e-3, not yet explained)
+    first = [json.loads((tmp_path / f"{tag}-float64-rank0.json").read_text())["history"][0]
+             for tag in ("one-ghost", "two-ddp")]
+    for key in ("train_elbo", "train_recon", "train_expert", "train_prior_z"):
+        assert first[1][key] == pytest.approx(first[0][key], rel=1e-6), key
+
+
+@needs_torchrun
 def test_two_ranks_streaming_statistics_equal_one_rank(tmp_path):
     """train.statistics=streaming: latent sums and the experts' information gathered inside the DDP
     steps, summed through the collective every 2 steps and at the epoch's end, leave 2 ranks where one

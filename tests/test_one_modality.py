@@ -72,3 +72,30 @@ def test_learned_image_noise_is_the_mean_squared_residual(tmp_path):
 def test_unknown_modality_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="data.modalities.*no modality 'photo'"):
         Trainer(_cfg(tmp_path / "r", "data.modalities=[photo]"))
+
+
+def _metrics_without_timing(run_dir) -> dict:
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for h in m["history"]:
+        h.pop("seconds", None)
+    return {k: v for k, v in m.items() if k not in ("init", "wall_seconds_this_process")}
+
+
+def test_auto_initialisation_keeps_the_winner_as_initialised(tmp_path, monkeypatch):
+    """train.init=auto tries both seeds, scores each by the validation ELBO after a trial epoch, and then
+    trains from the winner exactly as train.init=<winner> would; labels are never read."""
+    auto = tmp_path / "auto"
+    assert train_from_config(_cfg(auto, "train.init=auto", "crossmodal.epochs=0", "stages=[multimodal]")) == 0
+    info = json.loads((auto / "metrics.json").read_text())["init"]
+    assert info["method"] == "auto" and set(info["trial_elbo"]) == {"experts", "pretrain"}
+    chosen = max(info["trial_elbo"], key=info["trial_elbo"].get)
+    assert info["chosen"] == chosen and "validation ELBO" in info["why"]
+    plain = tmp_path / "plain"
+    assert train_from_config(_cfg(plain, f"train.init={chosen}", "crossmodal.epochs=0", "stages=[multimodal]")) == 0
+    assert _metrics_without_timing(auto) == _metrics_without_timing(plain)
+
+    trainer = Trainer(_cfg(tmp_path / "scrambled", "train.init=auto"))
+    real = trainer.train_data.read_batch
+    monkeypatch.setattr(trainer.train_data, "read_batch", lambda idx: {**real(idx), "label": torch.full((len(idx),), -1)})
+    trainer.multimodal.initialise()
+    assert trainer.state["init"]["trial_elbo"] == info["trial_elbo"]

@@ -36,7 +36,8 @@ def cmd_mnist(args) -> int:
     from pima_hpc.data.mnist import build_mnist
     t0 = time.time()
     out = build_mnist(args.idx_dir, args.out, args.noise, seed=args.seed, val_fraction=args.val_fraction,
-                      shard_size=args.shard_size, progress=not args.quiet, overwrite=args.overwrite)
+                      shard_size=args.shard_size, progress=not args.quiet, overwrite=args.overwrite,
+                      curve_law=args.curve_law)
     print(f"wrote {out} in {time.time() - t0:.1f} s; inspect with `pima data info {out}`")
     return 0
 
@@ -177,6 +178,9 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--idx-dir", required=True, help="folder with the four MNIST IDX files (gzipped or not)")
     p.add_argument("--noise", default="clean",
                    help="std of eps in X2 = c t + eps: 'clean' (0.01), 'noisy' (0.5) or a number (ERRATA 7)")
+    p.add_argument("--curve-law", default="digit", choices=("digit", "pairs"),
+                   help="slope of X2: digit = c (the paper: the curve alone is the label); pairs = floor(c/2) "
+                        "(the curve names only the digit's pair, the image must split it: fusion is needed)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share of the training set")
     _common(p)
     p.set_defaults(func=cmd_mnist)

@@ -89,6 +89,21 @@ class ImageDecoder(nn.Module):
         return torch.sigmoid(self.to_image(x))  # data are normalised to [0, 1] (Appendix A)
 
 
+class CurveDecoder(nn.Module):
+    """A data-driven decoder of a curve, z -> its L values (the paper's black-box decoder for a curve).
+
+    An MLP: curves are short (tens to hundreds of points) and smooth, so a hidden layer suffices."""
+
+    def __init__(self, spec: ModalitySpec, hidden: int, latent_dim: int):
+        super().__init__()
+        (length,) = spec.shape
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
+                                 nn.Linear(hidden, length))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
 class ClusterClassifier(ConvFeatures):
     """log p~(c | X_i): the cross-modal cluster head (not in the paper; docs/method.md)."""
 

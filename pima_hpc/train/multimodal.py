@@ -116,32 +116,95 @@ class MultimodalStage:
     def initialise(self) -> None:
         if self.model.curve_names:
             self._check_expert_fit()
-        bs = self.eval_batch
-        if self.cfg.train.init == "experts" and self.model.curve_names:
-            info = em.initialise_from_experts(self.model, self.train_data, bs, self.collective, self.device,
-                                              self.cfg.seed)
-        elif self.cfg.train.init == "pretrain":
-            from pima_hpc.train.pretrain import fit_latent_mixture, pretrain_autoencoder
-            t = self.cfg.train
-            losses = pretrain_autoencoder(self.model, self.train_data, self.ctx, t.pretrain_epochs, t.batch_size,
-                                          t.lr, self.cfg.seed)
-            info = {"pretrain_losses": losses,
-                    **fit_latent_mixture(self.model, self.train_data, bs, self.collective, self.device, self.cfg.seed)}
-            latent, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
+        kind = self.cfg.train.init
+        if kind == "experts" and not self.model.curve_names:
+            kind = "random"  # no curve to fit: the means stay where the model put them
+        info = self._initialise_by_trial() if kind == "auto" else self._initialise(kind)
+        self.state["initialized"] = True
+        self.state["init"] = info
+
+    def _initialise(self, kind: str) -> dict:
+        """One initialisation (train.init): the mixture prior, then the experts from its responsibilities."""
+        bs, t = self.eval_batch, self.cfg.train
+        info = {"method": kind}
+        if kind == "experts":
+            info.update(em.initialise_from_experts(self.model, self.train_data, bs, self.collective, self.device,
+                                                   self.cfg.seed))
+        else:
+            if kind == "pretrain":
+                from pima_hpc.train.pretrain import fit_latent_mixture, pretrain_autoencoder
+                info.update(pretrain_autoencoder(self.model, self.train_data, self.ctx, t.pretrain_epochs,
+                                                 t.batch_size, t.lr, self.cfg.seed, t.pretrain_balance))
+                # the mixture is fitted in eval mode: BatchNorm statistics the same on every rank first
+                self.run.recompute_batchnorm(self.model, self._multimodal_forward, t.precise_bn_batches,
+                                             t.batch_size, 0)
+                info.update(fit_latent_mixture(self.model, self.train_data, bs, self.collective, self.device,
+                                               self.cfg.seed))
+            _, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
             if curves:  # the experts from the mixture's responsibilities (eq 17)
                 em.apply_expert_solve(self.model, curves, t.ridge, self.cfg.model.expert_noise,
                                       self.cfg.model.expert_noise_floor)
-        else:
-            latent, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
-            if curves:
-                em.apply_expert_solve(self.model, curves, self.cfg.train.ridge, self.cfg.model.expert_noise,
-                                      self.cfg.model.expert_noise_floor)
-            info = {}
         if self.cfg.model.image_noise == "learned" and self.model.image_names:
             info["image_noise_std"] = em.update_image_noise(self.model, self.train_data, bs, self.collective,
                                                             self.device)
-        self.state["initialized"] = True
-        self.state["init"] = info
+        return info
+
+    def _initialise_by_trial(self) -> dict:
+        """train.init=auto: each candidate initialisation, then train.init_trial_epochs of ordinary training;
+        the candidate whose model then has the higher mean ELBO on the validation split (the training split
+        when there is none) is kept, as it was right after its initialisation. Labels are never read.
+
+        A stop signal during a trial leaves a checkpoint of the model as it was before any candidate, so
+        the resumed run repeats the choice exactly."""
+        candidates = ["experts", "pretrain"] if self.model.curve_names else ["pretrain"]
+        if len(candidates) == 1:
+            return {**self._initialise(candidates[0]), "method": "auto", "chosen": candidates[0],
+                    "why": "one modality: there is no curve to seed clusters from"}
+        from copy import deepcopy
+        start = self._snapshot()
+        scored, kept = {}, {}
+        reader = self.val_data if self.val_data is not None else self.train_data
+        for kind in candidates:
+            self._restore(start)
+            info = self._initialise(kind)
+            kept[kind] = (self._snapshot(), info)
+            try:
+                for epoch in range(self.cfg.train.init_trial_epochs):
+                    self.state["epoch"], self.state["step"] = epoch, 0
+                    self.train_epoch(epoch)
+                    self.state["epoch"] = epoch + 1
+                    self.closed_form_updates()
+            except BaseException:
+                self._restore(start)  # what a resume must start from
+                self.run.save()
+                raise
+            scored[kind] = self.validation_elbo(reader)
+        chosen = max(candidates, key=lambda k: scored[k])
+        snapshot, info = kept[chosen]
+        self._restore(snapshot)
+        split = "validation" if reader is self.val_data else "training"
+        why = (f"{split} ELBO per sample after {self.cfg.train.init_trial_epochs} trial epoch(s): " +
+               ", ".join(f"{k} {v:.6g}" for k, v in scored.items()))
+        if self.run.is_root:
+            log.info("train.init=auto chose %s (%s)", chosen, why)
+        return {**deepcopy(info), "method": "auto", "chosen": chosen, "why": why, "trial_elbo": scored,
+                "candidates": {k: kept[k][1] for k in candidates}}
+
+    def _snapshot(self) -> dict:
+        """The model, optimizer and run state, copied (a candidate initialisation is undone from it)."""
+        from copy import deepcopy
+        return {"model": deepcopy(self.model.state_dict()), "optimizer": deepcopy(self.optimizer.state_dict()),
+                "state": deepcopy(self.run.state), "memory": deepcopy(self.curve_memory),
+                "streaming": deepcopy(self.streaming)}
+
+    def _restore(self, snap: dict) -> None:
+        from copy import deepcopy
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(deepcopy(snap["optimizer"]))
+        self.run.state.clear()
+        self.run.state.update(deepcopy(snap["state"]))
+        self.curve_memory = deepcopy(snap["memory"])
+        self.streaming = deepcopy(snap["streaming"])
 
     def closed_form_updates(self, exact: bool = False) -> None:
         """The EM half of Algorithm 1 (eq 16 and optional variances/weights) and eq 17 for the experts.
