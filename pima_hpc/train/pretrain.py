@@ -116,13 +116,18 @@ def pretrain_autoencoder(model, reader, ctx, epochs: int, batch_size: int, lr: f
 
 
 @torch.no_grad()
+def fused_means(model, reader, batch_size: int, device) -> np.ndarray:
+    """The fused posterior means (eqs 7-8) of a split in eval mode, this rank's rows: (N, latent_dim) float64."""
+    model.eval()
+    return np.concatenate([model.encode(to_device(b, device))[0].double().cpu().numpy()
+                           for b in reader.iter_batches(batch_size, shuffle=False)])
+
+
+@torch.no_grad()
 def fit_latent_mixture(model, reader, batch_size: int, collective, device, seed: int,
                        max_rows: int = 20000) -> dict:
     """Set the mixture prior (means, log-variances, weights) from a GaussianMixture on the fused means."""
-    model.eval()
-    mus = np.concatenate([model.encode(to_device(b, device))[0].double().cpu().numpy()
-                          for b in reader.iter_batches(batch_size, shuffle=False)])
-    sample = gather_subsample(collective, mus, max_rows)
+    sample = gather_subsample(collective, fused_means(model, reader, batch_size, device), max_rows)
     gmm = GaussianMixture(n_components=model.cfg.n_clusters, covariance_type="diag", init_params="k-means++",
                           n_init=3, reg_covar=1e-4, random_state=seed).fit(sample)
     start_encoder_variances(model, SAMPLE_VARIANCE_SHARE * gmm.covariances_.mean(0))

@@ -22,7 +22,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.mixture import GaussianMixture
 
 from pima_hpc.collective import gather_subsample
@@ -73,15 +72,6 @@ def choose(rows: list[dict], criterion: str) -> int:
     return min(rows, key=lambda r: r[criterion])["k"]
 
 
-@torch.no_grad()
-def fused_means(model, reader, batch_size: int, device) -> np.ndarray:
-    """The fused posterior means (eqs 7-8) of a split, this rank's rows: (N, latent_dim) float64."""
-    from pima_hpc.runtime import to_device
-    model.eval()
-    return np.concatenate([model.encode(to_device(b, device))[0].double().cpu().numpy()
-                           for b in reader.iter_batches(batch_size, shuffle=False)])
-
-
 def plot_scores(rows: list[dict], chosen: int, criterion: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -108,7 +98,7 @@ def select_k(cfg, ks: list[int], criterion: str = "icl", out_dir: str | None = N
              max_rows: int = 20000) -> dict:
     """Pre-train once, score every K, write select_k.json and select_k.png to ``out_dir`` (run_dir)."""
     from pima_hpc.train.checkpoint import atomic_write_text
-    from pima_hpc.train.pretrain import pretrain_autoencoder
+    from pima_hpc.train.pretrain import fused_means, pretrain_autoencoder
     from pima_hpc.train.run import make_context
     from pima_hpc.train.trainer import Trainer
 
