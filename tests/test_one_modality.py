@@ -99,3 +99,17 @@ def test_auto_initialisation_keeps_the_winner_as_initialised(tmp_path, monkeypat
     monkeypatch.setattr(trainer.train_data, "read_batch", lambda idx: {**real(idx), "label": torch.full((len(idx),), -1)})
     trainer.multimodal.initialise()
     assert trainer.state["init"]["trial_elbo"] == info["trial_elbo"]
+
+
+def test_a_stop_during_the_auto_trial_checkpoints_the_model_before_any_candidate(tmp_path):
+    from pima_hpc.train.signals import StopRequested
+    cfg = _cfg(tmp_path / "r", "train.init=auto")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.signals.requested = True  # as if SIGTERM arrived: the first trial step checkpoints and stops
+    with pytest.raises(StopRequested):
+        trainer.multimodal.initialise()
+    resumed = Trainer(cfg)
+    assert resumed.try_resume() and not resumed.state["initialized"]
+    after = resumed.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

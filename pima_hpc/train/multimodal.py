@@ -161,6 +161,8 @@ class MultimodalStage:
             return {**self._initialise(candidates[0]), "method": "auto", "chosen": candidates[0],
                     "why": "one modality: there is no curve to seed clusters from"}
         from copy import deepcopy
+
+        from pima_hpc.train.signals import StopRequested
         start = self._snapshot()
         scored, kept = {}, {}
         reader = self.val_data if self.val_data is not None else self.train_data
@@ -174,8 +176,8 @@ class MultimodalStage:
                     self.train_epoch(epoch)
                     self.state["epoch"] = epoch + 1
                     self.closed_form_updates()
-            except BaseException:
-                self._restore(start)  # what a resume must start from
+            except StopRequested:  # a signal's checkpoint must hold the model as it was before any candidate
+                self._restore(start)
                 self.run.save()
                 raise
             scored[kind] = self.validation_elbo(reader)
