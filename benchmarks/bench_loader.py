@@ -51,7 +51,8 @@ def _mnist_arrays(mnist_dir):
 
 
 def _write(path, images, curves, labels, t, label_names, compression, chunk_bytes):
-    from pima_hpc.data.writer import DatasetWriter, ModalityLayout
+    from pima_hpc.data.storage import ModalityLayout
+    from pima_hpc.data.writer import DatasetWriter
     mods = [ModalityLayout("image", "image", images.shape[1:], storage="uint8"),
             ModalityLayout("curve", "curve", curves.shape[1:], t=t)]
     t0 = time.perf_counter()
@@ -90,7 +91,7 @@ def compression(args):
     mi, mc, ml, mt = _mnist_arrays(args.mnist_dir)
     data = {"mnist": (mi, mc, ml, mt, [str(d) for d in range(10)]),
             "lattice": (li, lc, ll, cfg.strain, ["gyroid", "octet"])}
-    from pima_hpc.data.writer import CHUNK_BYTES
+    from pima_hpc.data.storage import CHUNK_BYTES
     codecs = {"auto": "auto", "none": None, "gzip-1": ("gzip", 1), "gzip-4": ("gzip", 4), "gzip-9": ("gzip", 9),
               "lzf": ("lzf", None)}
     rows = []

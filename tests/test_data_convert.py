@@ -258,7 +258,7 @@ def test_array_file_gives_the_same_dataset_as_a_folder(tmp_path, kind, shape):
 
 
 def test_npy_images_are_memory_mapped_and_npz_key_chosen(tmp_path):
-    from pima_hpc.data.convert import open_images
+    from pima_hpc.data.sources import open_images
     images, curves, _ = paired_samples(shape=(2, 8, 8))
     np.save(tmp_path / "x.npy", images)
     src = open_images(tmp_path / "x.npy")
@@ -275,13 +275,14 @@ def test_npy_images_are_memory_mapped_and_npz_key_chosen(tmp_path):
 
 def test_output_is_checked_before_any_image_is_read(tmp_path, monkeypatch):
     import pima_hpc.data.convert as conv
+    import pima_hpc.data.sources as sources
     images, curves, _ = paired_samples()
     folder = write_folder(tmp_path / "imgs", images, as_png=True)
     np.save(tmp_path / "x.npy", images)
     np.save(tmp_path / "c.npy", curves)
     reads = []
-    monkeypatch.setattr(conv, "read_image", lambda p: reads.append(p))
-    monkeypatch.setattr(conv, "load_image_array", lambda *a: reads.append(a))
+    monkeypatch.setattr(sources, "read_image", lambda p: reads.append(p))
+    monkeypatch.setattr(sources, "load_image_array", lambda *a: reads.append(a))
     monkeypatch.setattr(conv, "read_curves", lambda p: reads.append(p))
     missing = tmp_path / "no" / "such" / "x.h5"
     for src in (folder, tmp_path / "x.npy"):

@@ -12,7 +12,8 @@ import pytest
 
 from pima_hpc.data import DataError, describe, list_splits, make_loader, open_split, read_truth, verify_dataset
 from pima_hpc.data.hdf5 import chunk_aware_order, partition_ranges
-from pima_hpc.data.writer import DatasetWriter, ModalityLayout, TruthField
+from pima_hpc.data.storage import ModalityLayout, TruthField
+from pima_hpc.data.writer import DatasetWriter
 
 T = np.linspace(0.0, 2.0, 12)
 COUNTS = {"train": 203, "val": 37, "test": 61}

@@ -410,6 +410,25 @@ def test_peer_failure_needs_a_process_group():
     assert peer_failure(RuntimeError("[gloo/pair.cc:553] Connection closed by peer [10.0.0.2]:1")) is None
 
 
+def test_peer_failure_tells_a_lost_peer_from_a_backend_bug(monkeypatch):
+    """With a 2-rank group up: a lost connection or an unreachable store is one line; a backend error that
+    names no lost connection (a bug in the collective's arguments) and any other error type are not."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer\nmore")
+    assert peer_failure(lost) == "gloo: Connection reset by peer"
+    assert peer_failure(dist.DistStoreError("failed to reach the store at host:29500")) == \
+        "gloo: failed to reach the store at host:29500"
+    assert peer_failure(dist.DistBackendError("NCCL watchdog caught collective operation timeout")) is not None
+    assert peer_failure(RuntimeError("[gloo/allreduce.cc:12] sizes of tensors differ: 4 vs 5")) is None
+    assert peer_failure(dist.DistBackendError("unsupported dtype for allreduce")) is None
+    assert peer_failure(ValueError("Connection reset by peer")) is None
+    assert peer_failure(RuntimeError("Connection reset by peer")) is None  # not from a backend
+
+
 # ----------------------------------------------------------------------------------------------- non-finite values
 
 def test_injected_nan_stops_naming_step_and_term_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
@@ -455,7 +474,7 @@ def test_truncated_checkpoint_and_leftover_temp_file_fall_back_to_previous(two_e
     trainer = Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2", "train.keep_checkpoints=5"))
     assert trainer.try_resume()
     previous = load_checkpoint(ckpts / history[-2])
-    assert trainer.state == previous["state"]
+    assert trainer.state.to_payload() == previous["state"]
     assert f"checkpoint {str(newest)!r} is unreadable" in caplog.text
     trainer.save()  # the next save clears the dead writer's temp file
     assert not list(ckpts.glob(".*.tmp-*"))
@@ -503,7 +522,7 @@ def test_without_latest_json_the_newest_checkpoint_by_progress_is_used(two_epoch
     (run / "checkpoints" / "latest.json").unlink()
     trainer = Trainer(cfg(run, "stages=[multimodal]", "train.epochs=2"))
     assert trainer.try_resume()
-    assert trainer.state["stage"] == "done"
+    assert trainer.state.stage == "done"
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):

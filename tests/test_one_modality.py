@@ -45,7 +45,7 @@ def test_pretrain_initialisation_never_reads_labels(tmp_path, monkeypatch):
             monkeypatch.setattr(trainer.train_data, "read_batch",
                                 lambda idx: {**real(idx), "label": torch.full((len(idx),), -1)})
         trainer.multimodal.initialise()
-        return {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer.state["init"]
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer.state.init
     (a, info), (b, _) = initialised(False), initialised(True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert info["gmm_converged"] and len(info["pretrain_losses"]) == 2
@@ -98,7 +98,7 @@ def test_auto_initialisation_keeps_the_winner_as_initialised(tmp_path, monkeypat
     real = trainer.train_data.read_batch
     monkeypatch.setattr(trainer.train_data, "read_batch", lambda idx: {**real(idx), "label": torch.full((len(idx),), -1)})
     trainer.multimodal.initialise()
-    assert trainer.state["init"]["trial_elbo"] == info["trial_elbo"]
+    assert trainer.state.init["trial_elbo"] == info["trial_elbo"]
 
 
 def test_a_stop_during_the_auto_trial_checkpoints_the_model_before_any_candidate(tmp_path):
@@ -110,6 +110,6 @@ def test_a_stop_during_the_auto_trial_checkpoints_the_model_before_any_candidate
     with pytest.raises(StopRequested):
         trainer.multimodal.initialise()
     resumed = Trainer(cfg)
-    assert resumed.try_resume() and not resumed.state["initialized"]
+    assert resumed.try_resume() and not resumed.state.initialized
     after = resumed.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

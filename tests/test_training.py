@@ -81,7 +81,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     resumed = Trainer(_cfg(resumed_dir, "train.epochs=3", "stages=[multimodal]", "figures=false",
                            "train.keep_checkpoints=10"))
     resumed.run()
-    untimed = [[{k: v for k, v in h.items() if k != "seconds"} for h in t.state["history"]] for t in (straight, resumed)]
+    untimed = [[{k: v for k, v in h.items() if k != "seconds"} for h in t.state.history] for t in (straight, resumed)]
     assert len(untimed[0]) == 3 and untimed[0] == untimed[1]  # epoch 3's metrics too, not only the weights
     for (k, v), (k2, v2) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
@@ -93,7 +93,7 @@ def test_loader_workers_train_exactly_as_the_training_process(tmp_path):
     def history(name, *extra):
         trainer = Trainer(_cfg(tmp_path / name, "train.epochs=2", "crossmodal.epochs=1", "figures=false", *extra))
         trainer.run()
-        return [{k: v for k, v in h.items() if k != "seconds"} for h in trainer.state["history"]], trainer.model
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in trainer.state.history], trainer.model
 
     plain, plain_model = history("plain")
     workers, workers_model = history("workers", "data.num_workers=2")
@@ -121,7 +121,7 @@ def test_bf16_autocast_runs_the_networks_in_bf16_and_the_elbo_in_float32(tmp_pat
     short = Trainer(_cfg(tmp_path / "run", "train.epochs=2", "crossmodal.epochs=1", "figures=false",
                          "train.precision=bf16"))
     metrics = short.run()
-    assert all(np.isfinite(v) for h in short.state["history"] for k, v in h.items() if k != "stage")
+    assert all(np.isfinite(v) for h in short.state.history for k, v in h.items() if k != "stage")
     assert metrics["multimodal"]["test"]["accuracy"] > 0.5
 
 

@@ -83,7 +83,7 @@ def test_help_lists_the_options(capsys):
 def test_good_file_parses(tmp_path):
     spec = load_tune_spec(tune_file(tmp_path / "t.yaml"), ["num_samples=5", "scheduler.grace_period=2",
                                                             "train.batch_size=64"])
-    assert spec.num_samples == 5 and spec.grace_period == 2 and spec.reduction_factor == 2
+    assert spec.num_samples == 5 and spec.scheduler.grace_period == 2 and spec.scheduler.reduction_factor == 2
     assert spec.epochs == 2 and spec.workers_per_trial == 2 and spec.cpus_per_worker == 0.5
     assert spec.overrides[-1] == "train.batch_size=64"
     assert spec.space["train.lr"].kind == "loguniform" and spec.space["model.latent_dim"].args == [2, 3]
@@ -95,9 +95,9 @@ def test_scheduler_short_forms_and_command_line_types(tmp_path, capsys):
     tune key of the wrong type on the command line is one line naming the key."""
     spec = load_tune_spec(write(tmp_path / "t.yaml", "base: %s\nscheduler: fifo\nspace: {train.lr: {uniform: "
                                 "[0.001, 0.002]}}\n" % (Path.cwd() / "configs/digits.yaml")))
-    assert (spec.scheduler, spec.grace_period) == ("fifo", 1)
+    assert (spec.scheduler.type, spec.scheduler.grace_period) == ("fifo", 1)
     spec = load_tune_spec(tune_file(tmp_path / "u.yaml"), ["scheduler=fifo"])
-    assert spec.scheduler == "fifo"
+    assert spec.scheduler.type == "fifo"
     assert main(["tune", str(tune_file(tmp_path / "v.yaml")), "num_samples=many"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tune key 'num_samples'" in err and "'many'" in err, err

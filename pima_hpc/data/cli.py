@@ -71,7 +71,8 @@ def cmd_convert(args) -> int:
 def summarise(path, verify: bool = True) -> dict:
     """A JSON-able summary of a dataset (what `pima data info` prints); verifies checksums if asked."""
     from pima_hpc.data.hdf5 import H5SplitReader
-    from pima_hpc.data.layout import dataset_bytes, describe, verify_dataset
+    from pima_hpc.data.layout import dataset_bytes, describe
+    from pima_hpc.data.verify import verify_dataset
     info = describe(path)
     if verify:
         verify_dataset(info)

@@ -3,9 +3,9 @@
 A dataset is either one HDF5 file or a directory of HDF5 shard files plus ``manifest.json``.
 This module knows the names and attributes of that layout, reads a dataset's metadata into a
 :class:`DatasetInfo` (without keeping any file open, so readers can be forked and pickled),
-and checks a dataset's integrity: structure, sample counts, shapes, dtypes, shard sizes and
-SHA-256 checksums. Every problem becomes one :class:`DataError` naming the file, the dataset
-inside it and the fix.
+and checks a dataset's structure: sample counts, shapes, dtypes and shard sizes (the full check,
+SHA-256 checksums and every chunk, is :mod:`~pima_hpc.data.verify`). Every problem becomes one
+:class:`DataError` naming the file, the dataset inside it and the fix.
 """
 
 from __future__ import annotations
@@ -211,6 +211,7 @@ def describe(path, verify: bool = False) -> DatasetInfo:
         raise DataError(f"{path}: no such file or directory; pass a .h5 file or a shard directory "
                         "built by `pima data`")
     if verify:
+        from pima_hpc.data.verify import verify_dataset  # here: verify imports this module
         verify_dataset(info)
     return info
 
@@ -353,43 +354,6 @@ def check_part(info: DatasetInfo, split: str, part: Part, f: h5py.File) -> None:
                         f"{rebuild_hint(info.path)}")
 
 
-def verify_dataset(info: DatasetInfo) -> None:
-    """Full integrity check: SHA-256 of every shard, then every chunk's Fletcher-32 checksum."""
-    seen = set()
-    for split in info.splits.values():
-        for part in split.parts:
-            if info.sharded:
-                if part.sha256 and sha256_file(part.file) != part.sha256:
-                    raise DataError(f"{part.file}: SHA-256 checksum does not match {MANIFEST} (corrupted or "
-                                    "modified); re-copy the shard or rebuild the dataset")
-            if part.file in seen and not info.sharded:
-                continue
-            seen.add(part.file)
-            with open_h5(part.file) as f:
-                if info.sharded:
-                    check_part(info, split.name, part, f)
-                groups = [f[split.name]] if info.sharded else [f[s] for s in info.splits]
-                for g in groups:
-                    for name, ds in _iter_datasets(g):
-                        _read_all_chunks(ds, part.file)
-
-
-def _iter_datasets(g: h5py.Group):
-    for k, v in g.items():
-        if isinstance(v, h5py.Dataset):
-            yield k, v
-        else:
-            yield from _iter_datasets(v)
-
-
-def _read_all_chunks(ds: h5py.Dataset, where: Path, block_bytes: int = 1 << 25) -> None:
-    rows = max(1, block_bytes // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))))
-    if ds.chunks:
-        rows = max(ds.chunks[0], rows // ds.chunks[0] * ds.chunks[0])
-    for a in range(0, ds.shape[0], rows):
-        read_rows(ds, a, min(a + rows, ds.shape[0]), where)
-
-
 def read_rows(ds: h5py.Dataset, a: int, b: int, where: Path, out: np.ndarray | None = None) -> np.ndarray:
     """``ds[a:b]`` (into ``out`` if given), a corrupted chunk reported as a DataError naming file and dataset."""
     try:
@@ -429,4 +393,4 @@ def dataset_bytes(path: Path) -> int:
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "DatasetInfo", "SplitInfo", "Part", "describe",
-           "verify_dataset", "list_splits", "IMAGE", "CURVE"]
+           "list_splits", "IMAGE", "CURVE"]

@@ -25,7 +25,8 @@ import numpy as np
 
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.splits import stratified_split
-from pima_hpc.data.writer import DatasetWriter, ModalityLayout, default_provenance
+from pima_hpc.data.storage import ModalityLayout
+from pima_hpc.data.writer import DatasetWriter, default_provenance
 
 NOISE = {"clean": 0.01, "noisy": 0.5}
 # The curve's slope as a function of the digit c: the paper's c, or the digit's pair floor(c / 2).

@@ -8,7 +8,7 @@ physical units with :meth:`DatasetWriter.write`. The writer
 * fits the normalisation on the training split only (Appendix A, ERRATA 7) with running
   min/max, so nothing but the current block is ever held in memory; float modalities are
   spooled in physical units to a raw side file and normalised into the HDF5 file at the end,
-  when the training statistics are known;
+  when the training statistics are known (:mod:`~pima_hpc.data.finalise`);
 * writes one file or a directory of shard files plus ``manifest.json`` (counts, offsets,
   sizes, SHA-256 checksums);
 * writes under a temporary name and renames when complete, so an interrupted build never
@@ -23,137 +23,18 @@ import os
 import shutil
 import sys
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from pima_hpc.data.base import CURVE, KINDS, batch_sizes
+from pima_hpc.data.base import batch_sizes
 from pima_hpc.data.errors import DataError
-from pima_hpc.data.layout import (FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, LABEL, MANIFEST, META_GROUP,
-                                  NORMALISATIONS, STORAGE_DTYPES, TRUTH_GROUP, sha256_file,
+from pima_hpc.data.finalise import finish_file, fit_normalisation, write_manifest
+from pima_hpc.data.layout import (FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, LABEL, META_GROUP, TRUTH_GROUP,
                                   write_modality_meta)
-
-# Chunk and compression defaults, chosen by measurement (`python benchmarks/bench_loader.py
-# compression`, numbers in docs/benchmarks.md). ~256 KiB chunks (11 lattice images, ~300 MNIST
-# samples) read fastest under the chunk-aware shuffle. gzip level 1 gives nearly all of the size
-# reduction of higher levels (MNIST 3.5x vs 3.9x at level 9) with the cheapest encode; but noisy
-# photographs and float curves barely compress (lattice images 1.10x) while gzip slows reads 2-4x,
-# so "auto" measures each dataset's first block and compresses only if zlib-1 saves >= 25 %.
-CHUNK_BYTES = 1 << 18
-MAX_CHUNK_ROWS = 4096
-COMPRESSION = "auto"
-AUTO_CODEC = ("gzip", 1)
-AUTO_MIN_RATIO = 1.25
-
-RAW_BLOCK_BYTES = 1 << 24  # rows normalised per step at finalisation (bounded memory)
-
-
-@dataclass(frozen=True)
-class ModalityLayout:
-    """What a builder declares about a modality before writing (normalisation comes later).
-
-    ``storage="uint8"`` stores 8-bit codes (images whose training split spans 0..255: lossless,
-    4x smaller than float32); ``"float32"`` stores normalised floats. ``normalisation`` is
-    ``"minmax"`` or ``"zero-max"`` (offset 0, used for stress so that a law through the origin
-    stays linear after normalisation).
-    """
-
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    t: np.ndarray | None = None
-    units: str = ""
-    t_units: str = ""
-    storage: str = "float32"
-    normalisation: str = "minmax"
-    description: str = ""
-
-    def __post_init__(self):
-        assert self.kind in KINDS, self.kind
-        assert self.storage in STORAGE_DTYPES, self.storage
-        assert self.normalisation in NORMALISATIONS, self.normalisation
-        assert self.storage != "uint8" or self.normalisation == "minmax"
-        if self.kind == CURVE:
-            assert self.t is not None and len(self.t) == self.shape[-1], "curve needs t of length L"
-        else:
-            assert len(self.shape) == 3, "images are (C, H, W)"
-
-    @property
-    def sample_bytes(self) -> int:
-        return STORAGE_DTYPES[self.storage].itemsize * int(np.prod(self.shape))
-
-
-@dataclass(frozen=True)
-class TruthField:
-    """A per-sample ground-truth quantity stored beside the data (not seen by the model)."""
-
-    name: str
-    dtype: str = "float64"
-    units: str = ""
-    description: str = ""
-
-
-def chunk_rows_for(sample_bytes: int, count: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Rows per chunk so a chunk of the largest modality is about ``chunk_bytes``."""
-    return int(max(1, min(count, MAX_CHUNK_ROWS, chunk_bytes // max(1, sample_bytes))))
-
-
-def choose_codec(sample: np.ndarray, compression=COMPRESSION):
-    """The codec for a dataset: ``compression`` itself, or for "auto" gzip-1 if a zlib-1 trial on
-    (byte-shuffled) ``sample`` compresses by at least AUTO_MIN_RATIO, else none."""
-    if compression != "auto":
-        return compression
-    a = np.ascontiguousarray(sample).reshape(-1)
-    a = a[: max(1, (1 << 20) // max(1, a.itemsize))]
-    raw = a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes()  # what HDF5's shuffle filter does
-    return AUTO_CODEC if len(raw) >= AUTO_MIN_RATIO * len(zlib.compress(raw, 1)) else None
-
-
-def codec_name(codec) -> str:
-    return "none" if codec is None or codec[0] is None else "-".join(str(c) for c in codec if c is not None)
-
-
-def compression_kwargs(dtype, compression) -> dict:
-    """h5py dataset filters: compression (if any), byte shuffle for multi-byte types, Fletcher-32."""
-    kw = {"fletcher32": True}
-    if compression is not None and compression[0] is not None:
-        name, level = compression
-        kw["compression"] = name
-        if name == "gzip":
-            kw["compression_opts"] = int(level)
-        kw["shuffle"] = np.dtype(dtype).itemsize > 1
-    return kw
-
-
-def check_array(arr, name: str, n: int | None, shape: tuple, source: str, integer: bool = False,
-                lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """Validate one block: numeric dtype, (n, *shape), finite, optional integer range. Return it."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"{source}: {name} has dtype {arr.dtype}; expected real numbers "
-                        "(convert strings/objects/complex to float first)")
-    if integer and arr.dtype.kind not in "biu":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise DataError(f"{source}: {name} must hold integers, got dtype {arr.dtype} with fractional "
-                            "or non-finite values; pass integer class ids")
-    expected = ((n,) if n is not None else (arr.shape[0] if arr.ndim else 0,)) + tuple(shape)
-    if arr.shape != expected:
-        raise DataError(f"{source}: {name} has shape {arr.shape}, expected {expected} "
-                        f"(samples x {' x '.join(map(str, shape)) or 'scalar'}); fix its shape")
-    if arr.dtype.kind == "f":
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            first = int(np.argwhere(bad)[0][0])
-            kind = "NaN" if np.isnan(arr[first]).any() else "Inf"
-            raise DataError(f"{source}: {name} has {int(bad.sum())} non-finite value(s) ({kind} first in sample "
-                            f"{first}); remove or repair those samples before converting")
-    if lo is not None and arr.size and (arr.min() < lo or arr.max() > hi):
-        raise DataError(f"{source}: {name} values span [{arr.min()}, {arr.max()}], outside [{lo}, {hi}]; "
-                        "fix the values or store them as float32")
-    return arr
+from pima_hpc.data.storage import (CHUNK_BYTES, COMPRESSION, ModalityLayout, TruthField, check_array, choose_codec,
+                                   chunk_rows_for, codec_name, compression_kwargs)
 
 
 class _SplitState:
@@ -400,28 +281,6 @@ class DatasetWriter:
 
     # -- finishing -----------------------------------------------------------------------------
 
-    def _normalisation(self) -> dict[str, tuple[float, float]]:
-        norm = {}
-        for m in self.modalities:
-            lo, hi = self._lo[m.name], self._hi[m.name]
-            if m.storage == "uint8":
-                if (lo, hi) != (0.0, 255.0):
-                    raise DataError(f"{self.out}: modality {m.name!r} is stored as 8-bit codes, which needs the "
-                                    f"training split to span 0..255, but it spans {lo:g}..{hi:g}; store it as "
-                                    "float32 instead")
-                norm[m.name] = (0.0, 255.0)
-            elif m.normalisation == "zero-max":
-                if not hi > 0:
-                    raise DataError(f"{self.out}: modality {m.name!r} has training max {hi:g}; zero-max "
-                                    "normalisation needs a positive maximum")
-                norm[m.name] = (0.0, hi)
-            else:
-                if not hi > lo:
-                    raise DataError(f"{self.out}: modality {m.name!r} is constant ({lo:g}) over the training "
-                                    "split and cannot be min-max normalised; drop it or check the data")
-                norm[m.name] = (lo, hi - lo)
-        return norm
-
     def finalise(self) -> Path:
         """Normalise, checksum, write the manifest and move the dataset into place."""
         assert not self._finalised
@@ -429,7 +288,7 @@ class DatasetWriter:
             if st.cursor != st.count:
                 raise DataError(f"{self.out}: split {st.name!r} received {st.cursor} of its {st.count} "
                                 "declared samples; the input ended early")
-        norm = self._normalisation()
+        norm = fit_normalisation(self.modalities, self._lo, self._hi, self.out)
         for st in self.splits.values():
             if st.open is not None:
                 st.open.close()
@@ -449,48 +308,14 @@ class DatasetWriter:
                     start += rows
         shutil.rmtree(self.raw_dir, ignore_errors=True)
         if self.sharded:
-            self._write_manifest(norm)
+            write_manifest(self.tmp, self.splits.values(), self.modalities, norm, self.label_names, self.truth,
+                           self.provenance, self._meta)
         self._move_into_place()
         self._finalised = True
         return self.out
 
     def _finish_file(self, f: h5py.File, norm, parts):
-        for m in self.modalities:
-            write_modality_meta(f[META_GROUP][m.name], self._meta(m, *norm[m.name]))
-        for st, start, rows in parts:
-            g = f[st.name]
-            chunk = min(st.chunk_rows, rows)
-            for m in self.modalities:
-                if m.storage != "float32":
-                    continue
-                offset, scale = norm[m.name]
-                ds = g.create_dataset(m.name, shape=(rows, *m.shape), dtype=np.float32, chunks=(chunk, *m.shape),
-                                      **compression_kwargs(np.float32, self._codecs[m.name]))
-                per = int(np.prod(m.shape))
-                step = max(chunk, RAW_BLOCK_BYTES // (4 * per) // chunk * chunk)
-                with open(self.raw_dir / f"{st.name}.{m.name}.f32", "rb") as fh:
-                    fh.seek(start * per * 4)
-                    for a in range(0, rows, step):
-                        b = min(rows, a + step)
-                        raw = np.fromfile(fh, dtype=np.float32, count=(b - a) * per).reshape(b - a, *m.shape)
-                        ds[a:b] = ((raw.astype(np.float64) - offset) / scale).astype(np.float32)
-        f.attrs["complete"] = True
-
-    def _write_manifest(self, norm):
-        splits = {}
-        for st in self.splits.values():
-            shards, offset = [], 0
-            for path, rows in zip(st.files, st.shard_sizes):
-                shards.append({"file": path.name, "count": rows, "offset": offset,
-                               "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-                offset += rows
-            splits[st.name] = {"count": st.count, "chunk_rows": st.chunk_rows,
-                               "labels": self.label_names is not None,
-                               "truth": {tf.name: tf.units for tf in self.truth}, "shards": shards}
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
-                    "modalities": [self._meta(m, *norm[m.name]) for m in self.modalities],
-                    "label_names": self.label_names, "provenance": self.provenance, "splits": splits}
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        finish_file(f, self.modalities, norm, parts, self.raw_dir, self._codecs, self._meta)
 
     def _move_into_place(self):
         old = None

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
-# Phrases of gloo, NCCL and c10d's store when a peer disappears or stops answering.
+# Phrases of gloo, NCCL and c10d's store when a peer disappears or stops answering. A backend error
+# without one of them (a shape mismatch in a collective, an unsupported dtype) is a bug, not a lost peer.
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
               "timed out", "timeout", "socket closed", "nccl communicator was aborted", "watchdog")
 _SOURCE_PREFIX = re.compile(r"^\s*\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
@@ -27,13 +28,15 @@ def peer_failure(exc: BaseException) -> Optional[str]:
     """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
-    dist_error = getattr(dist, "DistError", ())
-    if not isinstance(exc, (RuntimeError, dist_error)):
+    if not isinstance(exc, RuntimeError):  # DistError and its network/store/backend kinds are RuntimeErrors
         return None
     text = str(exc)
-    if not (isinstance(exc, dist_error) or "gloo" in text.lower() or "nccl" in text.lower()):
-        return None
-    if not any(p in text.lower() for p in _PEER_GONE):
+    lower = text.lower()
+    # The network and the store are how ranks reach each other: their errors always mean a peer is
+    # unreachable. Other errors qualify only when they come from a backend and name a lost connection.
+    network = isinstance(exc, (dist.DistNetworkError, dist.DistStoreError))
+    from_backend = isinstance(exc, dist.DistError) or "gloo" in lower or "nccl" in lower
+    if not (network or (from_backend and any(p in lower for p in _PEER_GONE))):
         return None
     line = _SOURCE_PREFIX.sub("", text.strip().splitlines()[0])
     line = line.split(". This is typically caused", 1)[0].rstrip(". ")

@@ -145,26 +145,6 @@ def _first_int(env: Mapping[str, str], names: tuple[str, ...], who: str) -> Opti
     return None
 
 
-def _mpi_vars(env: Mapping[str, str]) -> Optional[tuple[str, int, Optional[int], Optional[int], Optional[int]]]:
-    """(flavour, rank, size, local_rank, local_size) from an MPI launcher's variables, or None."""
-    if "OMPI_COMM_WORLD_RANK" in env:  # Open MPI (v5 also sets PMIX_RANK; OMPI_* is more complete)
-        who = "Open MPI's mpirun"
-        return ("openmpi", _int(env, "OMPI_COMM_WORLD_RANK", who),
-                _first_int(env, ("OMPI_COMM_WORLD_SIZE",), who),
-                _first_int(env, ("OMPI_COMM_WORLD_LOCAL_RANK",), who),
-                _first_int(env, ("OMPI_COMM_WORLD_LOCAL_SIZE",), who))
-    if "PMI_RANK" in env:  # MPICH/Hydra and other PMI-1/2 launchers
-        who = "an MPICH-style (PMI) launcher"
-        return ("mpich", _int(env, "PMI_RANK", who), _first_int(env, ("PMI_SIZE",), who),
-                _first_int(env, ("MPI_LOCALRANKID",), who), _first_int(env, ("MPI_LOCALNRANKS",), who))
-    if "PMIX_RANK" in env:
-        who = "a PMIx launcher"
-        # PMIx publishes sizes through its API, not the environment: take the generic hints.
-        return ("pmix", _int(env, "PMIX_RANK", who), _first_int(env, ("WORLD_SIZE",), who),
-                _first_int(env, ("LOCAL_RANK",), who), _first_int(env, ("LOCAL_WORLD_SIZE",), who))
-    return None
-
-
 def _env_master(env: Mapping[str, str], who: str) -> tuple[Optional[str], Optional[int]]:
     addr = env.get("MASTER_ADDR") or None
     port = _first_int(env, ("MASTER_PORT",), who)
@@ -184,68 +164,174 @@ def _check_ranks(info: LaunchInfo, who: str) -> LaunchInfo:
     return info
 
 
-def _detect_torchrun(env: Mapping[str, str]) -> LaunchInfo:
+class Launcher:
+    """One launcher's reading of the environment: whether it started this process, and what it said.
+
+    A small class per launcher, in the spirit of PyTorch Lightning's ``ClusterEnvironment``:
+    :meth:`detected` looks for the launcher's own variables, :meth:`info` reads rank, world and the
+    rendezvous from them (raising :class:`DistributedSetupError` naming a bad variable).
+    """
+
+    name: str = "none"
+    who: str = "a single process"
+
+    def __init__(self, env: Mapping[str, str], use_scontrol: bool = True):
+        self.env = env
+        self.use_scontrol = use_scontrol
+
+    def detected(self) -> bool:
+        raise NotImplementedError
+
+    def info(self) -> LaunchInfo:
+        raise NotImplementedError
+
+
+class Torchrun(Launcher):
+    """torchrun, or the plain ``env://`` convention (RANK/WORLD_SIZE/LOCAL_RANK, MASTER_ADDR/PORT)."""
+
+    name = "torchrun"
     who = "torchrun (RANK/WORLD_SIZE/LOCAL_RANK)"
-    for name in ("RANK", "WORLD_SIZE"):
-        if name not in env:
-            raise DistributedSetupError(f"TORCHELASTIC_RUN_ID is set but {name} is not; start workers with torchrun")
-    world = _int(env, "WORLD_SIZE", who)
-    addr, port = _env_master(env, who)
-    if world > 1 and (addr is None or port is None):
-        raise DistributedSetupError("RANK/WORLD_SIZE are set (torchrun's env:// convention) but MASTER_ADDR/"
-                                    "MASTER_PORT are not; set both, or launch with torchrun")
-    local_rank = _first_int(env, ("LOCAL_RANK",), who)
-    # LOCAL_WORLD_SIZE is always set by torchrun; a hand-made env:// launch may omit it.
-    local_world = _first_int(env, ("LOCAL_WORLD_SIZE",), who)
-    return _check_ranks(LaunchInfo(
-        "torchrun", rank=_int(env, "RANK", who), local_rank=local_rank or 0, world_size=world,
-        local_world_size=local_world if local_world is not None else world,
-        master_addr=addr, master_port=port), who)
+
+    def detected(self) -> bool:
+        env = self.env
+        return "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env)
+
+    def info(self) -> LaunchInfo:
+        env, who = self.env, self.who
+        for name in ("RANK", "WORLD_SIZE"):
+            if name not in env:
+                raise DistributedSetupError(f"TORCHELASTIC_RUN_ID is set but {name} is not; start workers with "
+                                            "torchrun")
+        world = _int(env, "WORLD_SIZE", who)
+        addr, port = _env_master(env, who)
+        if world > 1 and (addr is None or port is None):
+            raise DistributedSetupError("RANK/WORLD_SIZE are set (torchrun's env:// convention) but MASTER_ADDR/"
+                                        "MASTER_PORT are not; set both, or launch with torchrun")
+        local_rank = _first_int(env, ("LOCAL_RANK",), who)
+        # LOCAL_WORLD_SIZE is always set by torchrun; a hand-made env:// launch may omit it.
+        local_world = _first_int(env, ("LOCAL_WORLD_SIZE",), who)
+        return _check_ranks(LaunchInfo(
+            "torchrun", rank=_int(env, "RANK", who), local_rank=local_rank or 0, world_size=world,
+            local_world_size=local_world if local_world is not None else world,
+            master_addr=addr, master_port=port), who)
 
 
-def _slurm_step(env: Mapping[str, str]) -> Optional[dict]:
-    """Rank facts of an srun job step, or None outside one (including an sbatch batch script)."""
-    if "SLURM_PROCID" not in env or not (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")):
+class MPIRun(Launcher):
+    """mpirun/mpiexec: Open MPI (OMPI_COMM_WORLD_*), MPICH/Hydra and other PMI-1/2 launchers, bare PMIx."""
+
+    name = "mpirun"
+    WHO = {"openmpi": "Open MPI's mpirun (OMPI_COMM_WORLD_*)", "mpich": "mpiexec (PMI_RANK/PMI_SIZE)",
+           "pmix": "a PMIx launcher (PMIX_RANK)"}
+
+    def variables(self) -> Optional[tuple[str, int, Optional[int], Optional[int], Optional[int]]]:
+        """(flavour, rank, size, local_rank, local_size) from an MPI launcher's variables, or None."""
+        env = self.env
+        if "OMPI_COMM_WORLD_RANK" in env:  # Open MPI (v5 also sets PMIX_RANK; OMPI_* is more complete)
+            who = "Open MPI's mpirun"
+            return ("openmpi", _int(env, "OMPI_COMM_WORLD_RANK", who),
+                    _first_int(env, ("OMPI_COMM_WORLD_SIZE",), who),
+                    _first_int(env, ("OMPI_COMM_WORLD_LOCAL_RANK",), who),
+                    _first_int(env, ("OMPI_COMM_WORLD_LOCAL_SIZE",), who))
+        if "PMI_RANK" in env:  # MPICH/Hydra and other PMI-1/2 launchers
+            who = "an MPICH-style (PMI) launcher"
+            return ("mpich", _int(env, "PMI_RANK", who), _first_int(env, ("PMI_SIZE",), who),
+                    _first_int(env, ("MPI_LOCALRANKID",), who), _first_int(env, ("MPI_LOCALNRANKS",), who))
+        if "PMIX_RANK" in env:
+            who = "a PMIx launcher"
+            # PMIx publishes sizes through its API, not the environment: take the generic hints.
+            return ("pmix", _int(env, "PMIX_RANK", who), _first_int(env, ("WORLD_SIZE",), who),
+                    _first_int(env, ("LOCAL_RANK",), who), _first_int(env, ("LOCAL_WORLD_SIZE",), who))
         return None
+
+    def detected(self) -> bool:
+        return self.variables() is not None
+
+    def info(self) -> LaunchInfo:
+        flavour, rank, size, local_rank, local_size = self.variables()
+        who = self.WHO[flavour]
+        if size is None:
+            raise DistributedSetupError(f"{who} gave this process rank {rank} but no world size; "
+                                        "set WORLD_SIZE, or launch with mpirun/mpiexec/srun")
+        addr, port = _env_master(self.env, who)
+        return _check_ranks(LaunchInfo(
+            "mpirun", rank=rank, local_rank=local_rank or 0, world_size=size,
+            local_world_size=local_size if local_size is not None else size,
+            master_addr=addr, master_port=port, mpi=flavour), who)
+
+
+class Srun(Launcher):
+    """srun, one task per rank: SLURM_PROCID inside a job step (not the batch script of sbatch).
+
+    MPI variables that agree with Slurm's rank and size (``srun --mpi=pmix|pmi2``) make it srun with
+    an MPI flavour; ones that disagree came from an ``mpirun`` inside the allocation, which wins.
+    """
+
+    name = "srun"
     who = "srun (SLURM_PROCID/SLURM_NTASKS)"
-    world = _first_int(env, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"), who)
-    if world is None:
-        raise DistributedSetupError("srun set SLURM_PROCID but neither SLURM_STEP_NUM_TASKS nor SLURM_NTASKS")
-    local_world = None
-    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-    node_id = _first_int(env, ("SLURM_NODEID",), who)
-    if per_node:
-        try:
-            counts = parse_tasks_per_node(per_node)
-        except ValueError as exc:
-            raise DistributedSetupError(f"srun's SLURM_[STEP_]TASKS_PER_NODE: {exc}") from None
-        if node_id is not None and node_id < len(counts):
-            local_world = counts[node_id]
-    return {"rank": _int(env, "SLURM_PROCID", who), "world": world,
-            "local_rank": _first_int(env, ("SLURM_LOCALID",), who) or 0,
-            "local_world": local_world, "who": who}
 
-
-def _slurm_master(env: Mapping[str, str], world: int, who: str, use_scontrol: bool) -> tuple[str, int]:
-    addr, port = _env_master(env, who)
-    if addr is None:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if nodelist:
+    def step(self) -> Optional[dict]:
+        """Rank facts of an srun job step, or None outside one (including an sbatch batch script)."""
+        env, who = self.env, self.who
+        if "SLURM_PROCID" not in env or not (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")):
+            return None
+        world = _first_int(env, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"), who)
+        if world is None:
+            raise DistributedSetupError("srun set SLURM_PROCID but neither SLURM_STEP_NUM_TASKS nor SLURM_NTASKS")
+        local_world = None
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+        node_id = _first_int(env, ("SLURM_NODEID",), who)
+        if per_node:
             try:
-                addr = first_host(nodelist, use_scontrol=use_scontrol)
+                counts = parse_tasks_per_node(per_node)
             except ValueError as exc:
-                raise DistributedSetupError(f"srun's nodelist: {exc}; set MASTER_ADDR") from None
-        elif world > 1:
-            raise DistributedSetupError("srun launch without SLURM_JOB_NODELIST/SLURM_NODELIST: set MASTER_ADDR")
-    if port is None:
-        job = _first_int(env, ("SLURM_JOB_ID", "SLURM_JOBID"), who)
-        if job is None:
-            if world > 1:
-                raise DistributedSetupError("srun launch without SLURM_JOB_ID: set MASTER_PORT")
-        else:
-            step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "0"
-            port = slurm_master_port(job, int(step) if step.isdigit() else 0)
-    return addr, port
+                raise DistributedSetupError(f"srun's SLURM_[STEP_]TASKS_PER_NODE: {exc}") from None
+            if node_id is not None and node_id < len(counts):
+                local_world = counts[node_id]
+        return {"rank": _int(env, "SLURM_PROCID", who), "world": world,
+                "local_rank": _first_int(env, ("SLURM_LOCALID",), who) or 0, "local_world": local_world}
+
+    def detected(self) -> bool:
+        slurm = self.step()
+        if slurm is None:
+            return False
+        mpi = MPIRun(self.env).variables()
+        return mpi is None or (mpi[1] == slurm["rank"] and mpi[2] in (None, slurm["world"]))
+
+    def master(self, world: int) -> tuple[str, int]:
+        env, who = self.env, self.who
+        addr, port = _env_master(env, who)
+        if addr is None:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if nodelist:
+                try:
+                    addr = first_host(nodelist, use_scontrol=self.use_scontrol)
+                except ValueError as exc:
+                    raise DistributedSetupError(f"srun's nodelist: {exc}; set MASTER_ADDR") from None
+            elif world > 1:
+                raise DistributedSetupError("srun launch without SLURM_JOB_NODELIST/SLURM_NODELIST: set MASTER_ADDR")
+        if port is None:
+            job = _first_int(env, ("SLURM_JOB_ID", "SLURM_JOBID"), who)
+            if job is None:
+                if world > 1:
+                    raise DistributedSetupError("srun launch without SLURM_JOB_ID: set MASTER_PORT")
+            else:
+                step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "0"
+                port = slurm_master_port(job, int(step) if step.isdigit() else 0)
+        return addr, port
+
+    def info(self) -> LaunchInfo:
+        slurm, mpi = self.step(), MPIRun(self.env).variables()
+        addr, port = self.master(slurm["world"])
+        local_world = slurm["local_world"] or (mpi[4] if mpi else None) or slurm["world"]
+        return _check_ranks(LaunchInfo(
+            "srun", rank=slurm["rank"], local_rank=slurm["local_rank"], world_size=slurm["world"],
+            local_world_size=local_world, master_addr=addr, master_port=port,
+            mpi=mpi[0] if mpi else None), self.who)
+
+
+# First match wins (module docstring): torchrun's agents run inside srun steps, and an mpirun inside an
+# allocation disagrees with Slurm's ranks, so the order is torchrun, srun, mpirun.
+LAUNCHER_TYPES: tuple[type[Launcher], ...] = (Torchrun, Srun, MPIRun)
 
 
 def detect_launcher(env: Optional[Mapping[str, str]] = None, *, use_scontrol: bool = True) -> LaunchInfo:
@@ -255,37 +341,8 @@ def detect_launcher(env: Optional[Mapping[str, str]] = None, *, use_scontrol: bo
     the variable when the launcher's variables are inconsistent.
     """
     env = os.environ if env is None else env
-    if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env):
-        return _detect_torchrun(env)
-
-    slurm = _slurm_step(env)
-    mpi = _mpi_vars(env)
-    if slurm is not None:
-        agrees = mpi is not None and mpi[1] == slurm["rank"] and mpi[2] in (None, slurm["world"])
-        if mpi is None or agrees:
-            who = slurm["who"]
-            addr, port = _slurm_master(env, slurm["world"], who, use_scontrol)
-            local_world = slurm["local_world"] or (mpi[4] if mpi else None) or slurm["world"]
-            return _check_ranks(LaunchInfo(
-                "srun", rank=slurm["rank"], local_rank=slurm["local_rank"], world_size=slurm["world"],
-                local_world_size=local_world, master_addr=addr, master_port=port,
-                mpi=mpi[0] if mpi else None), who)
-
-    if mpi is not None:
-        flavour, rank, size, local_rank, local_size = mpi
-        who = {"openmpi": "Open MPI's mpirun (OMPI_COMM_WORLD_*)", "mpich": "mpiexec (PMI_RANK/PMI_SIZE)",
-               "pmix": "a PMIx launcher (PMIX_RANK)"}[flavour]
-        if size is None:
-            raise DistributedSetupError(f"{who} gave this process rank {rank} but no world size; "
-                                        "set WORLD_SIZE, or launch with mpirun/mpiexec/srun")
-        addr, port = _env_master(env, who)
-        return _check_ranks(LaunchInfo(
-            "mpirun", rank=rank, local_rank=local_rank or 0, world_size=size,
-            local_world_size=local_size if local_size is not None else size,
-            master_addr=addr, master_port=port, mpi=flavour), who)
-
+    for kind in LAUNCHER_TYPES:
+        launcher = kind(env, use_scontrol=use_scontrol)
+        if launcher.detected():
+            return launcher.info()
     return LaunchInfo("none")
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup and teardown

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from pima_hpc.train.checkpoint import atomic_write_text  # noqa: E402
+from pima_hpc.atomic import atomic_write_text  # noqa: E402
 
 REPORT_NAME = "report.html"
 

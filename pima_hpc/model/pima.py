@@ -9,15 +9,19 @@ buffers set in closed form from sufficient statistics by :mod:`pima_hpc.train.em
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
-from pima_hpc.config import ModelConfig
 from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
 from pima_hpc.model import elbo
 from pima_hpc.model.experts import build_expert
 from pima_hpc.model.networks import ImageDecoder, build_classifier, build_encoder
+
+if TYPE_CHECKING:  # the model reads its settings, it does not depend on the config module
+    from pima_hpc.config import ModelConfig
 
 
 def spread_points(n: int, dim: int, radius: float) -> torch.Tensor:

@@ -54,7 +54,7 @@ class ImageFolderSource(RowSource):
     read as `pima data convert` reads it."""
 
     def __init__(self, name: str, folder: Path):
-        from pima_hpc.data.convert import FolderImages
+        from pima_hpc.data.sources import FolderImages
         self.images = FolderImages(folder)
         self.names, self.where = [name], str(folder)
 
@@ -161,7 +161,7 @@ def _array_sources(path: Path, spec: DatasetSpec, name: str | None, npz_key: str
 
 
 def _curve_file_source(path: Path, spec: DatasetSpec, name: str | None) -> RowSource:
-    from pima_hpc.data.convert import read_curves
+    from pima_hpc.data.sources import read_curves
     name = name or _only(spec, CURVE, path)
     curves, names, grid = read_curves(path)
     t = spec[name].t

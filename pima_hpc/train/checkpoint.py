@@ -18,31 +18,13 @@ from pathlib import Path
 
 import torch
 
+from pima_hpc.atomic import atomic_write_bytes, atomic_write_text
 from pima_hpc.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 
 STAGE_ORDER = {"multimodal": 0, "crossmodal": 1, "done": 2}
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

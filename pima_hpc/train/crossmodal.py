@@ -19,27 +19,20 @@ from pima_hpc.model.pima import CrossModalEncoders
 from pima_hpc.runtime import to_device
 from pima_hpc.train.amplitude import fit_amplitude_models
 from pima_hpc.train.precision import autocast
+from pima_hpc.train.stage import Stage
 
 
-class CrossModalStage:
+class CrossModalStage(Stage):
     """The unimodal encoders and cluster heads, their optimizer, and the stage's epochs."""
 
     def __init__(self, run):
-        self.run = run
-        self.cfg, self.ctx, self.model, self.spec = run.cfg, run.ctx, run.model, run.spec
-        self.collective, self.device, self.eval_batch = run.collective, run.device, run.eval_batch
-        self.train_data = run.train_data
+        super().__init__(run)
         torch.manual_seed(self.cfg.seed + 1)
         self.encoders = CrossModalEncoders(self.spec, self.cfg.model, self.cfg.crossmodal.cluster_head).to(self.device)
         if self.cfg.train.sync_batchnorm and self.ctx.world_size > 1:  # CUDA only, checked by the trainer
             self.encoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.encoders)
         self.net = self.ctx.wrap_ddp(self.encoders)
         self.optimizer = torch.optim.Adam(self.encoders.parameters(), lr=self.cfg.crossmodal.lr)
-
-    @property
-    def state(self) -> dict:
-        """The run's training state (the driver's: a resume replaces it)."""
-        return self.run.state
 
     def _clip(self, module) -> None:
         params = list(module.parameters())
@@ -59,8 +52,8 @@ class CrossModalStage:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        while self.state["stage"] == "crossmodal" and self.state["epoch"] < x.epochs:
-            epoch = self.state["epoch"]
+        while self.state.stage == "crossmodal" and self.state.epoch < x.epochs:
+            epoch = self.state.epoch
             tic = time.perf_counter()
             self.encoders.train()
             batches = self.train_data.batch_index_lists(x.batch_size, epoch, self.cfg.seed + 7, shuffle=True)
@@ -70,7 +63,7 @@ class CrossModalStage:
             keys = [f"{term}_{n}" for term in ("kl", "distill") for n in self.spec.names
                     if term == "kl" or n in self.encoders.classifiers]
             sums = np.array([partial.get(k, 0.0) for k in keys])
-            start = self.state["step"]
+            start = self.state.step
             for step, batch in enumerate(batch_loader(self.train_data, batches[start:], self.cfg.data.num_workers),
                                          start):
                 batch = to_device(batch, self.device)
@@ -94,7 +87,7 @@ class CrossModalStage:
                 for part in (self.encoders.encoders, self.encoders.classifiers):
                     self._clip(part)
                 self.optimizer.step()
-                self.state["step"] = step + 1
+                self.state.step = step + 1
                 sums += [float(terms[k].detach().sum()) for k in keys]
                 self.run.keep_partial(dict(zip(keys, sums)))
                 self.run.check_finite(terms, loss, f"stage crossmodal, epoch {epoch + 1}, step {step + 1}")
@@ -104,15 +97,15 @@ class CrossModalStage:
                                       x.batch_size, epoch)
             amplitude = fit_amplitude_models(self.model, self.encoders, self.train_data, self.eval_batch,
                                              self.collective, self.device)
-            self.state.pop("partial_sums", None)
+            self.state.partial_sums = None
             tot = self.collective.allreduce_sum([np.append(sums, len(self.train_data))])[0]
             metrics = {k: float(v / tot[-1]) for k, v in zip(keys, tot[:-1])}
             metrics.update(amplitude)
             metrics.update(epoch=epoch + 1, seconds=time.perf_counter() - tic)
-            self.state["history"].append({"stage": "crossmodal", **metrics})
-            self.state["epoch"], self.state["step"] = epoch + 1, 0
+            self.state.history.append({"stage": "crossmodal", **metrics})
+            self.state.epoch, self.state.step = epoch + 1, 0
             self.run.save()
             self.run.epoch_done("crossmodal", "cross-modal epoch", epoch + 1, x.epochs, metrics)
-        if self.state["stage"] == "crossmodal":
-            self.state["stage"] = "done"
+        if self.state.stage == "crossmodal":
+            self.state.stage = "done"
             self.run.save()

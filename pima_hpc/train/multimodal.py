@@ -29,6 +29,7 @@ from pima_hpc.model.pima import elbo_from_terms
 from pima_hpc.runtime import to_device
 from pima_hpc.train import em
 from pima_hpc.train.precision import autocast
+from pima_hpc.train.stage import Stage
 
 log = logging.getLogger("pima")
 
@@ -51,14 +52,12 @@ def _injected_nan_step() -> int | None:
     return int(n)
 
 
-class MultimodalStage:
+class MultimodalStage(Stage):
     """PIMA's encoders, decoders, mixture and experts trained together (the run's first stage)."""
 
     def __init__(self, run):
-        self.run = run
-        self.cfg, self.ctx, self.model, self.spec = run.cfg, run.ctx, run.model, run.spec
-        self.collective, self.device, self.eval_batch = run.collective, run.device, run.eval_batch
-        self.train_data, self.val_data = run.train_data, run.val_data
+        super().__init__(run)
+        self.val_data = run.val_data
         # Closed-form EM replaces Adam for whatever it sets (otherwise the two would fight).
         self.model.cluster_logvars.requires_grad_(not self.cfg.train.em_variances)
         self.model.pi_logits.requires_grad_(not self.cfg.train.em_weights)
@@ -68,11 +67,6 @@ class MultimodalStage:
         self.curve_memory = None  # the experts' statistics kept across epochs (train.rls_forgetting > 0)
         self.streaming = self._streaming_statistics()
         self.nan_at_step = _injected_nan_step()
-
-    @property
-    def state(self) -> dict:
-        """The run's training state (the driver's: a resume replaces it)."""
-        return self.run.state
 
     def _streaming_statistics(self):
         """train.statistics=streaming: the EM statistics of the training pass (pima_hpc/train/streaming.py)."""
@@ -120,8 +114,8 @@ class MultimodalStage:
         if kind == "experts" and not self.model.curve_names:
             kind = "random"  # no curve to fit: the means stay where the model put them
         info = self._initialise_by_trial() if kind == "auto" else self._initialise(kind)
-        self.state["initialized"] = True
-        self.state["init"] = info
+        self.state.initialized = True
+        self.state.init = info
 
     def _initialise(self, kind: str) -> dict:
         """One initialisation (train.init): the mixture prior, then the experts from its responsibilities."""
@@ -172,9 +166,9 @@ class MultimodalStage:
             kept[kind] = (self._snapshot(), info)
             try:
                 for epoch in range(self.cfg.train.init_trial_epochs):
-                    self.state["epoch"], self.state["step"] = epoch, 0
+                    self.state.epoch, self.state.step = epoch, 0
                     self.train_epoch(epoch)
-                    self.state["epoch"] = epoch + 1
+                    self.state.epoch = epoch + 1
                     self.closed_form_updates()
             except StopRequested:  # a signal's checkpoint must hold the model as it was before any candidate
                 self._restore(start)
@@ -203,8 +197,7 @@ class MultimodalStage:
         from copy import deepcopy
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(deepcopy(snap["optimizer"]))
-        self.run.state.clear()
-        self.run.state.update(deepcopy(snap["state"]))
+        self.run.state.copy_from(snap["state"])  # in place: the tracker holds the same state
         self.curve_memory = deepcopy(snap["memory"])
         self.streaming = deepcopy(snap["streaming"])
 
@@ -233,23 +226,23 @@ class MultimodalStage:
                                         self.curve_memory, t.rls_forgetting)
             em.apply_expert_solve(self.model, curves, t.ridge, m.expert_noise, m.expert_noise_floor)
             self.curve_memory = curves if t.rls_forgetting > 0 else None
-        epoch = self.state["epoch"]
-        if self.state["warm"] and epoch < t.warmup_epochs:
+        epoch = self.state.epoch
+        if self.state.warm and epoch < t.warmup_epochs:
             return
         anchors = {k: v.detach().clone() for k, v in self.model.state_dict().items()
                    if k in ("cluster_means", "cluster_logvars", "pi_logits")}
         em.apply_gmm_m_step(self.model, latent, t.em_variances, t.em_weights, t.tied_variances)
-        if self.state["warm"]:
+        if self.state.warm:
             agreement = em.agreement(self.model, self.train_data, self.eval_batch, self.collective, self.device)
-            self.state.setdefault("agreement", []).append(agreement)
+            self.state.agreement.append(agreement)
             if agreement >= t.warmup_agreement or epoch >= t.max_warmup_epochs:
-                self.state["warm"] = False
+                self.state.warm = False
             else:
                 self.model.load_state_dict(anchors, strict=False)
 
     def train_epoch(self, epoch: int) -> dict:
         t, w = self.cfg.train, self.cfg.loss
-        warm = self.state["warm"]
+        warm = self.state.warm
         self.model.train()
         batches = self.train_data.batch_index_lists(t.batch_size, epoch, self.cfg.seed, shuffle=True)
         counts = self.train_data.global_counts(t.batch_size)
@@ -259,7 +252,7 @@ class MultimodalStage:
         sums = self.run.resume_partial()
         seen = int(sums.pop("_seen", 0))
         bar = self.run.progress(len(batches), f"epoch {epoch + 1}/{t.epochs}")
-        start = self.state["step"]
+        start = self.state.step
         bar.update(start)
         if self.streaming is not None and start == 0:
             self.streaming.start_epoch()
@@ -288,7 +281,7 @@ class MultimodalStage:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            self.state["step"] = step + 1
+            self.state.step = step + 1
             with torch.no_grad():
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.sum())
@@ -305,7 +298,7 @@ class MultimodalStage:
         bar.close()
         self.run.recompute_batchnorm(self.model, self._multimodal_forward, t.precise_bn_batches, t.batch_size,
                                      epoch)
-        self.state.pop("partial_sums", None)
+        self.state.partial_sums = None
         keys = sorted(sums)
         # Means over the samples this epoch actually visited (a step cap or a resume visits fewer).
         totals = self.collective.allreduce_sum([np.array([sums.get(k, 0.0) for k in keys] + [seen])])[0]
@@ -327,18 +320,18 @@ class MultimodalStage:
     def fit(self) -> None:
         """Initialise once, then train epochs until train.epochs; hand over to the next stage."""
         t = self.cfg.train
-        if not self.state["initialized"]:
+        if not self.state.initialized:
             self.initialise()
             self.run.save()
-        while self.state["stage"] == "multimodal" and self.state["epoch"] < t.epochs:
-            epoch = self.state["epoch"]
+        while self.state.stage == "multimodal" and self.state.epoch < t.epochs:
+            epoch = self.state.epoch
             tic = time.perf_counter()
             metrics = self.train_epoch(epoch)
-            self.state["epoch"], self.state["step"] = epoch + 1, 0
+            self.state.epoch, self.state.step = epoch + 1, 0
             last = epoch + 1 == t.epochs
             if last:
                 # The final pass ends any warm-up: the saved means and experts match the encoders.
-                self.state["warm"] = False
+                self.state.warm = False
             self.closed_form_updates(exact=last)
             metrics["epoch"] = epoch + 1
             metrics["seconds"] = time.perf_counter() - tic
@@ -348,17 +341,17 @@ class MultimodalStage:
                 metrics["val_elbo"] = self.validation_elbo(self.val_data)
                 if self.val_data.labels() is not None and self.spec.label_names:
                     metrics["val_accuracy"] = self.run.evaluator.accuracy(self.val_data)
-            self.state["history"].append(metrics)
-            best = metrics.get("val_elbo", -math.inf) > self.state["best_val_elbo"]
+            self.state.history.append(metrics)
+            best = metrics.get("val_elbo", -math.inf) > self.state.best_val_elbo
             if best:
-                self.state["best_val_elbo"] = metrics["val_elbo"]
+                self.state.best_val_elbo = metrics["val_elbo"]
             if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
                 self.run.save(best=best)
             self.run.epoch_done("multimodal", "epoch", epoch + 1, t.epochs, metrics)
-        if self.state["stage"] == "multimodal":
+        if self.state.stage == "multimodal":
             if t.epochs == 0:  # no epoch ran its closed-form pass: make the experts match the data
-                self.state["warm"] = False
+                self.state.warm = False
                 self.closed_form_updates(exact=True)
-            self.state["stage"] = "crossmodal" if "crossmodal" in self.run.stages else "done"
-            self.state["epoch"], self.state["step"] = 0, 0
+            self.state.stage = "crossmodal" if "crossmodal" in self.run.stages else "done"
+            self.state.epoch, self.state.step = 0, 0
             self.run.save()

@@ -4,6 +4,7 @@ Slurm scripts and Ray Tune)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -43,8 +44,12 @@ def _stop_with_parent() -> None:
         log.warning("could not ask to be stopped with torchrun's agent; if it dies, stop this worker by hand")
 
 
-def train_from_config(cfg: Config, report=None) -> int:
-    """Train the configured stages; returns the process exit code (75 = checkpointed on a signal)."""
+def train_from_config(cfg: Config, report=None, select_k: tuple[list[int], str] | None = None) -> int:
+    """Train the configured stages; returns the process exit code (75 = checkpointed on a signal).
+
+    ``select_k`` = (cluster counts, criterion): choose ``model.n_clusters`` first, without labels
+    (pima_hpc/train/select_k.py), in the same context, then train with it.
+    """
     from pima_hpc.distributed.failures import peer_failure
     from pima_hpc.train.signals import EXIT_REQUEUE, StopRequested
     from pima_hpc.train.trainer import Trainer, summary_line
@@ -52,6 +57,10 @@ def train_from_config(cfg: Config, report=None) -> int:
     ctx = make_context(cfg)
     trainer = None
     try:
+        if select_k is not None:
+            from pima_hpc.train.select_k import chosen_k_for_run
+            k = chosen_k_for_run(cfg, *select_k, ctx)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_clusters=k))
         trainer = Trainer(cfg, ctx, report=report)
         metrics = trainer.run()
         if ctx.rank == 0:
@@ -66,7 +75,7 @@ def train_from_config(cfg: Config, report=None) -> int:
         cause = peer_failure(exc)
         if cause is None:
             raise
-        where = f" in the {trainer.state['stage']} stage, epoch {trainer.state['epoch'] + 1}" if trainer else ""
+        where = f" in the {trainer.state.stage} stage, epoch {trainer.state.epoch + 1}" if trainer else ""
         raise RankLostError(
             f"rank {ctx.rank} of {ctx.world_size} lost another rank{where} ({cause}): its process or node died "
             f"or the network failed; every finished epoch is in {cfg.run_dir}: run the same command again to "
@@ -91,11 +100,11 @@ def evaluate_run(run_dir: str, overrides: list[str] | None = None) -> dict:
     trainer = Trainer(cfg)
     if not trainer.try_resume():
         raise FileNotFoundError(f"run directory {str(run)!r} has no checkpoint to evaluate")
-    if trainer.state["stage"] == "multimodal":
+    if trainer.state.stage == "multimodal":
         log.warning("the run stopped during the multimodal stage; evaluating its latest checkpoint")
     metrics = trainer.evaluate()
-    metrics["history"] = trainer.state["history"]
-    from pima_hpc.train.checkpoint import atomic_write_text
+    metrics["history"] = trainer.state.history
+    from pima_hpc.atomic import atomic_write_text
     import json
     atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=1))
     figures = []

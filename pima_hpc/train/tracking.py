@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pima_hpc.config import Config, to_dict
 from pima_hpc.errors import ConfigError
-from pima_hpc.train.checkpoint import atomic_write_text
+from pima_hpc.atomic import atomic_write_text
+from pima_hpc.train.state import TrainingState
 
 log = logging.getLogger("pima")
 
@@ -57,13 +58,13 @@ def _flat_params(cfg: Config) -> dict[str, str]:
 
 
 class Tracker:
-    """Rank 0's records of a run. ``state`` is the trainer's state dict (MLflow keeps its run id there)."""
+    """Rank 0's records of a run. ``state`` is the trainer's :class:`TrainingState` (MLflow keeps its run id there)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, state: dict):
+    def __init__(self, cfg: Config, run_dir: Path, state: TrainingState):
         self.cfg, self.run_dir, self.state = cfg, Path(run_dir), state
         self.tb = None
         self.mlflow = None
-        history = state["history"]
+        history = state.history
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=len(history) or None)
@@ -79,11 +80,11 @@ class Tracker:
             raise ConfigError("config key 'logging.mlflow': MLflow is not installed; pip install mlflow "
                               "(or mlflow-skinny), or set logging.mlflow=null") from None
         mlflow.set_tracking_uri(self.cfg.logging.mlflow)
-        run_id = self.state.get("mlflow_run_id")
+        run_id = self.state.mlflow_run_id
         if run_id is None:
             experiment = mlflow.set_experiment(self.cfg.logging.mlflow_experiment)
             run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=self.run_dir.name)
-            self.state["mlflow_run_id"] = run.info.run_id
+            self.state.mlflow_run_id = run.info.run_id
             mlflow.log_params(_flat_params(self.cfg))
         else:
             mlflow.start_run(run_id=run_id)

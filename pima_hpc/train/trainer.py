@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import random
 import sys
 import time
@@ -31,13 +30,14 @@ from pima_hpc.model.pima import PIMA
 from pima_hpc.runtime import Context
 from pima_hpc.train import em
 from pima_hpc.train.batchnorm import broadcast_batchnorm_stats, precise_batchnorm
-from pima_hpc.train.checkpoint import CheckpointManager, atomic_write_text
+from pima_hpc.atomic import atomic_write_text
+from pima_hpc.train.checkpoint import CheckpointManager
 from pima_hpc.train.crossmodal import CrossModalStage
 from pima_hpc.train.multimodal import MultimodalStage
 from pima_hpc.train.precision import configure_precision
 from pima_hpc.train.signals import SignalFlag, StopRequested
 from pima_hpc.train.splits import has_split, open_run_split
-from pima_hpc.train.state import changed_keys, rng_state, set_rng_state
+from pima_hpc.train.state import TrainingState, changed_keys, rng_state, set_rng_state
 
 log = logging.getLogger("pima")
 
@@ -90,8 +90,7 @@ class Trainer:
         self.multimodal = MultimodalStage(self)
         self.crossmodal_stage = None  # built when the cross-modal stage starts or is resumed
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_checkpoints)
-        self.state = {"stage": "multimodal", "epoch": 0, "step": 0, "initialized": False, "warm": True,
-                      "history": [], "best_val_elbo": -math.inf, "init": {}}
+        self.state = TrainingState()
         self.signals = SignalFlag()
         self.tracker = None  # rank 0's history.csv / TensorBoard / MLflow, opened by run()
 
@@ -125,7 +124,7 @@ class Trainer:
         payload = {
             "model": self.model.state_dict(),
             "optimizer": self.multimodal.optimizer.state_dict(),
-            "state": json.loads(json.dumps(self.state)),
+            "state": self.state.to_payload(),
             "config_hash": config_hash(self.cfg),
             "config": {k: v for k, v in to_dict(self.cfg).items() if k in ("data", "model")},  # names a mismatch
             "rng": rng_state(),
@@ -141,7 +140,7 @@ class Trainer:
 
     def save(self, best: bool = False) -> None:
         s = self.state
-        name = f"ckpt-{s['stage']}-e{s['epoch']:04d}-s{s['step']:06d}"
+        name = f"ckpt-{s.stage}-e{s.epoch:04d}-s{s.step:06d}"
         # Never write a checkpoint a resume would choke on: non-finite weights stop the run instead.
         bad = [f"{m}.{k}" for m, module in (("model", self.model), ("crossmodal", self.crossmodal))
                if module is not None for k, v in module.state_dict().items()
@@ -155,7 +154,7 @@ class Trainer:
             rows = np.zeros((self.ctx.world_size, len(self.streaming.pending_vector())))
             rows[self.ctx.rank] = self.streaming.pending_vector()
             self._streaming_rows = self.collective.allreduce_sum([rows])[0] if self.ctx.world_size > 1 else rows
-        partial = self.state.get("partial_sums")
+        partial = self.state.partial_sums
         if partial is not None:  # mid-epoch (a signal): rank 0 writes every rank's running sums
             rows = np.zeros((self.ctx.world_size, len(partial["values"])))
             rows[self.ctx.rank] = partial["values"]
@@ -167,12 +166,14 @@ class Trainer:
 
     def keep_partial(self, sums: dict[str, float]) -> None:
         """Record this rank's running sums of the epoch after each step, for a checkpoint mid-epoch."""
-        self.state["partial_sums"] = {"keys": list(sums), "values": [float(v) for v in sums.values()]}
+        self.state.partial_sums = {"keys": list(sums), "values": [float(v) for v in sums.values()]}
 
     def resume_partial(self) -> dict[str, float]:
         """This rank's running sums of an epoch resumed mid-way ({} at an epoch start), so the
         epoch's metrics come out as if it had never stopped."""
-        partial = self.state.pop("partial_sums", None) if self.state["step"] else None
+        partial = None
+        if self.state.step:
+            partial, self.state.partial_sums = self.state.partial_sums, None
         if not partial or "per_rank" not in partial:
             return {}
         rows = partial["per_rank"]
@@ -196,7 +197,7 @@ class Trainer:
         try:
             self.model.load_state_dict(payload["model"])
             self.multimodal.optimizer.load_state_dict(payload["optimizer"])
-            self.state = payload["state"]
+            self.state = TrainingState.from_payload(payload["state"])
             set_rng_state(payload["rng"])
             if "crossmodal" in payload:
                 self._build_crossmodal()
@@ -213,8 +214,8 @@ class Trainer:
             memory = self.multimodal.curve_memory = em.new_curve_statistics(self.model)
             for n, vals in payload["curve_memory"].items():
                 memory[n].set_arrays([v.numpy() for v in vals.values()])
-        log.info("resumed from %s (stage %s, epoch %d, step %d)", path, self.state["stage"],
-                 self.state["epoch"], self.state["step"])
+        log.info("resumed from %s (stage %s, epoch %d, step %d)", path, self.state.stage,
+                 self.state.epoch, self.state.step)
         return True
 
     def agree(self, flags: list[float]) -> np.ndarray:
@@ -238,7 +239,7 @@ class Trainer:
             log.info("%s %d/%d  %s", label, epoch, total,
                      "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
             if self.tracker is not None:
-                self.tracker.epoch(self.state["history"])
+                self.tracker.epoch(self.state.history)
         if self.report:
             self.report(stage, epoch, metrics)
 
@@ -272,9 +273,9 @@ class Trainer:
         after a kill between its last checkpoint and metrics.json), and adding the cross-modal stage
         trains that stage; asking for more epochs than it trained is an error, because its final
         closed-form pass has run and training on would not give what a longer run gives."""
-        if self.state["stage"] != "done":
+        if self.state.stage != "done":
             return
-        history = self.state["history"]
+        history = self.state.history
         trained = {"multimodal": sum("stage" not in h for h in history),
                    "crossmodal": sum(h.get("stage") == "crossmodal" for h in history)}
         asked = {"multimodal": ("train.epochs", self.cfg.train.epochs),
@@ -310,22 +311,22 @@ class Trainer:
             self.tracker = Tracker(self.cfg, self.run_dir, self.state)
         self.signals.install()
         try:
-            if "multimodal" in self.stages and self.state["stage"] == "multimodal":
+            if "multimodal" in self.stages and self.state.stage == "multimodal":
                 self.multimodal.fit()
-            elif self.state["stage"] == "multimodal":
+            elif self.state.stage == "multimodal":
                 raise ResumeError(f"stage 'crossmodal' needs a trained multimodal model in {str(self.run_dir)!r}; "
                                   "run with stages=[multimodal,crossmodal] first")
-            if "crossmodal" in self.stages and self.state["stage"] in ("crossmodal", "done"):
-                if self.state["stage"] == "done" and self.crossmodal is None:
-                    self.state["stage"], self.state["epoch"], self.state["step"] = "crossmodal", 0, 0
+            if "crossmodal" in self.stages and self.state.stage in ("crossmodal", "done"):
+                if self.state.stage == "done" and self.crossmodal is None:
+                    self.state.stage, self.state.epoch, self.state.step = "crossmodal", 0, 0
                 if self.crossmodal_stage is None:
                     self._build_crossmodal()
                 self.crossmodal_stage.fit()
         finally:
             self.signals.uninstall()
         metrics = self.evaluate()
-        metrics["history"] = self.state["history"]
-        metrics["init"] = self.state["init"]
+        metrics["history"] = self.state.history
+        metrics["init"] = self.state.init
         metrics["wall_seconds_this_process"] = time.perf_counter() - tic
         metrics["world_size"] = self.ctx.world_size
         if self.is_root:

@@ -90,7 +90,7 @@ def _csv_value(value) -> str:
 def write_results_csv(rows: list[TrialRow], path: Path, metric: str, space_keys: list[str]) -> None:
     import io
 
-    from pima_hpc.train.checkpoint import atomic_write_text
+    from pima_hpc.atomic import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -116,7 +116,7 @@ def write_best_config(exp: Path, best: TrialRow, metric: str) -> Path:
     """The sweep's base config with the best trial's values, ready for ``pima train``."""
     from omegaconf import OmegaConf
 
-    from pima_hpc.train.checkpoint import atomic_write_text
+    from pima_hpc.atomic import atomic_write_text
 
     values = {k: v for k, v in best.params.items() if v is not None}
     run_dir = format_value(str(exp / "best"))

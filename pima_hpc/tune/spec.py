@@ -52,13 +52,10 @@ class SchedulerSchema:
 
 
 @dataclass
-class TuneFileSchema:
-    """The tune file as written (docs/tune.md): OmegaConf merges the YAML and the command line's
-    tune keys onto it and rejects unknown keys and wrong types; the checks below give the rest."""
+class SweepSettings:
+    """The settings a tune file gives the sweep as they are (shared by the file's schema and the validated
+    :class:`TuneSpec`); the checks below run when either is built."""
 
-    base: Optional[str] = None
-    overrides: list[str] = field(default_factory=list)
-    space: Dict[str, Any] = field(default_factory=dict)
     num_samples: int = DEFAULT_NUM_SAMPLES
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
     search: str = "random"
@@ -68,8 +65,6 @@ class TuneFileSchema:
     gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 0
     metric: str = "val_elbo"
-    mode: str = "max"
-    storage_path: Optional[str] = None
     name: Optional[str] = None
 
     def __post_init__(self):
@@ -85,18 +80,33 @@ class TuneFileSchema:
                  "must not be selected on; trials are ranked by val_elbo and val_accuracy is only reported")
         _require(self.metric in METRICS, f"metric must be one of {list(METRICS)}, got {self.metric!r}"
                                           f"{did_you_mean(self.metric, METRICS)}")
+        _require(self.name is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)),
+                 f"name must be a plain directory name (letters, digits, . _ -), got {self.name!r}")
+
+
+@dataclass
+class TuneFileSchema(SweepSettings):
+    """The tune file as written (docs/tune.md): OmegaConf merges the YAML and the command line's
+    tune keys onto it and rejects unknown keys and wrong types; the checks give the rest."""
+
+    base: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+    space: Dict[str, Any] = field(default_factory=dict)
+    mode: str = "max"
+    storage_path: Optional[str] = None
+
+    def __post_init__(self):
+        super().__post_init__()
         _require(self.mode == "max", f"mode must be 'max' (the ELBO is maximised), got {self.mode!r}")
         _require(self.storage_path is None or bool(self.storage_path),
                  f"storage_path must be a directory path, got {self.storage_path!r}")
-        _require(self.name is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)),
-                 f"name must be a plain directory name (letters, digits, . _ -), got {self.name!r}")
 
 
 TUNE_KEYS = tuple(f.name for f in dataclasses.fields(TuneFileSchema))
 
 
-@dataclass
-class TuneSpec:
+@dataclass(kw_only=True)
+class TuneSpec(SweepSettings):
     """A validated tune file. Paths are absolute; ``epochs`` is the trial budget (ASHA's max_t)."""
 
     source: Path
@@ -104,26 +114,11 @@ class TuneSpec:
     overrides: list[str]
     space: dict[str, Distribution]
     epochs: int
-    num_samples: int = DEFAULT_NUM_SAMPLES
-    scheduler: str = "asha"
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    search: str = "random"
-    search_seed: Optional[int] = None
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    max_concurrent_trials: int = 0
-    metric: str = "val_elbo"
     storage_path: Path = field(default_factory=lambda: Path(DEFAULT_STORAGE).resolve())
-    name: Optional[str] = None
 
     @property
     def stem(self) -> str:
         return self.source.stem
-
-
-
 
 
 def _resolve_base(value, tune_file: Path, where: str) -> Path:
@@ -255,19 +250,15 @@ def load_tune_spec(path: str | Path, cli_overrides: Optional[list[str]] = None) 
     leaf_types = config_leaf_types()
     space = {str(k): parse_distribution(str(k), v, leaf_types, where) for k, v in file.space.items()}
 
-    sched = file.scheduler
+    settings = {f.name: getattr(file, f.name) for f in dataclasses.fields(SweepSettings)}
     spec = TuneSpec(source=tune_file, base=base, overrides=overrides, space=space, epochs=base_cfg.train.epochs,
-                    num_samples=file.num_samples, scheduler=sched.type, grace_period=sched.grace_period,
-                    reduction_factor=sched.reduction_factor, search=file.search, search_seed=file.search_seed,
-                    workers_per_trial=file.workers_per_trial, cpus_per_worker=file.cpus_per_worker,
-                    gpus_per_worker=file.gpus_per_worker, max_concurrent_trials=file.max_concurrent_trials,
-                    metric=file.metric, name=file.name)
+                    **settings)
     if file.storage_path is not None:
         spec.storage_path = Path(file.storage_path).expanduser().resolve()
     if spec.epochs < 1:
         raise TuneError(f"{where}: train.epochs is {spec.epochs}; a sweep needs at least one epoch per trial")
-    if spec.scheduler == "asha" and spec.grace_period > spec.epochs:
-        raise TuneError(f"{where}: scheduler.grace_period ({spec.grace_period}) exceeds train.epochs "
+    if spec.scheduler.type == "asha" and spec.scheduler.grace_period > spec.epochs:
+        raise TuneError(f"{where}: scheduler.grace_period ({spec.scheduler.grace_period}) exceeds train.epochs "
                         f"({spec.epochs}), the trial budget")
     _check_samples(spec, base_cfg, where)
     return spec

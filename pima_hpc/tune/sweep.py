@@ -167,7 +167,7 @@ def _searcher(spec: TuneSpec, concurrency: Optional[int]):
 def _write_sweep_inputs(spec: TuneSpec, exp: Path) -> None:
     """Store the resolved base config (what every trial and best_config.yaml start from) and the
     tune settings in the sweep directory, so results stay reproducible if the files change."""
-    from pima_hpc.train.checkpoint import atomic_write_text
+    from pima_hpc.atomic import atomic_write_text
 
     base_cfg = load_config(spec.base, spec.overrides)
     if base_cfg.data.path and not Path(base_cfg.data.path).is_absolute():
@@ -185,13 +185,13 @@ def _new_tuner(spec: TuneSpec, exp: Path, trainable, concurrency: Optional[int])
     from ray import tune
 
     scheduler = None
-    if spec.scheduler == "asha":
+    if spec.scheduler.type == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
         # time_attr=epoch (not Tune's count of reports): a restarted trial resumes its checkpoint
         # and reports the true epoch, so ASHA's rungs stay right across --resume.
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.epochs, grace_period=spec.grace_period,
-                                  reduction_factor=spec.reduction_factor)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.epochs, grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor)
     tune_config = tune.TuneConfig(metric=spec.metric, mode="max", search_alg=_searcher(spec, concurrency),
                                   scheduler=scheduler, num_samples=spec.num_samples,
                                   trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname)
@@ -246,7 +246,7 @@ def run_sweep(spec: TuneSpec, *, resume: bool = False, address: Optional[str] = 
         if not resume:
             _write_sweep_inputs(spec, exp)
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _trial_resources(spec))
-        log.info("sweep %s: %s, %d trial(s) of %d worker(s), metric %s (max)", exp, spec.scheduler,
+        log.info("sweep %s: %s, %d trial(s) of %d worker(s), metric %s (max)", exp, spec.scheduler.type,
                  spec.num_samples, spec.workers_per_trial, spec.metric)
         if resume:
             tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True)

@@ -55,7 +55,7 @@ def _train(cfg: Config, ctx, send) -> None:
         trainer.run()
         # A resumed trial whose run had already finished its epochs (the sweep stopped between the
         # last epoch and Tune recording it) trains nothing: report its last epoch again.
-        history = [h for h in trainer.state["history"] if "stage" not in h]
+        history = [h for h in trainer.state.history if "stage" not in h]
         if not sent and history:
             report("multimodal", history[-1]["epoch"], history[-1])
     finally:

@@ -1,0 +1,210 @@
+"""The strain-hardening expert of Section 3.2 (elastic, then linear hardening), solved exactly and globally."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pima_hpc.model.experts.base import Expert, register_expert, top_eigenvectors
+
+
+@register_expert("strain_hardening")
+class StrainHardening(Expert):
+    """Linear strain hardening (Section 3.2; Jones 2009): elastic, then linear hardening.
+
+    sigma(eps) = E eps                               for eps <= eps_y
+               = E eps_y + H (eps - eps_y)           for eps >  eps_y
+    with E >= 0, H >= 0 and the yield strain eps_y in [t_1, t_{L-2}]. Parameters (E, eps_y, H);
+    the yield stress is E * eps_y.
+
+    The solve is exact and global (no search grid). Between two grid points t_k <= eps_y <= t_{k+1}
+    the law is LINEAR in (alpha, beta, gamma) = (E, H, (E - H) eps_y) with the design
+    D_k = [t 1(t <= t_k), t 1(t >= t_{k+1}), 1(t >= t_{k+1})], which does not depend on eps_y.
+    So within every interval the minimum (fixed amplitude: a convex quadratic; free amplitude: a
+    Rayleigh quotient, whose only local maximum is the top eigenvector) is either the unconstrained
+    optimum of D_k, if it maps back to a feasible (E, eps_y, H), or lies on the feasible set's
+    boundary: a grid point eps_y = t_k (a two-parameter problem with E, H >= 0), or a face H = 0 or
+    E = 0 (again linear in two parameters). Every candidate is closed form; the best one wins.
+    ``ridge`` adds ridge * (E^2 + H^2), which is quadratic in (alpha, beta), so it stays exact.
+    """
+
+    param_names = ("modulus", "yield_strain", "hardening_modulus")
+    scale_params = ("modulus", "hardening_modulus")
+    ridge_diagonal = (1.0, 1.0, 0.0)  # ridge * (E^2 + H^2), on the coefficients (E, H, (E - H) eps_y)
+
+    def __init__(self, t, amplitude="fixed"):
+        super().__init__(t, amplitude)
+        if len(self.t) < 5 or np.any(np.diff(self.t) <= 0):
+            raise ValueError("strain_hardening needs >= 5 strictly increasing strain points")
+        self.eps_bounds = (float(self.t[1]), float(self.t[-2]))
+        n = len(self.t)
+        # D_k for the split "j <= k | j > k", k = 0..L-1 (only k = 1..L-2 are used): (L, L, 3)
+        after = np.arange(n)[None, :] > np.arange(n)[:, None]
+        self._designs = np.stack([np.where(after, 0.0, self.t), np.where(after, self.t, 0.0),
+                                  after.astype(float)], axis=-1)
+
+    def evaluate(self, theta):
+        theta = np.asarray(theta, dtype=np.float64)
+        e, eps_y, h = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
+        return e * np.minimum(self.t, eps_y) + h * np.maximum(self.t - eps_y, 0.0)
+
+    # ----- candidates --------------------------------------------------------------------------
+    def _candidates(self):
+        """Index sets of the problems to solve: grid points g and intervals [t_k, t_{k+1}]."""
+        n = len(self.t)
+        grid = np.arange(1, n - 1)        # eps_y = t_g, g = 1..L-2
+        intervals = np.arange(1, n - 2)   # t_k < eps_y < t_{k+1}, k = 1..L-3
+        return grid, intervals
+
+    def _grid_maps(self, grid):
+        """(E, H) -> (alpha, beta, gamma) at eps_y = t_g: (G, 3, 2)."""
+        m = np.zeros((len(grid), 3, 2))
+        m[:, 0, 0] = m[:, 1, 1] = 1.0
+        m[:, 2, 0], m[:, 2, 1] = self.t[grid], -self.t[grid]
+        return m
+
+    def candidate_designs(self, t):
+        # D_k(t) = [t 1(t <= t_k), t 1(t > t_k), 1(t > t_k)] for the split after reference point t_k
+        t = np.asarray(t, dtype=np.float64)
+        if t.ndim == 1 and t.shape == self.t.shape and np.array_equal(t, self.t):
+            return self._designs
+        after = t[..., None, :] > self.t[:, None]                           # (..., K, L)
+        tt = np.broadcast_to(t[..., None, :], after.shape)
+        return np.stack([np.where(after, 0.0, tt), np.where(after, tt, 0.0), after.astype(float)], axis=-1)
+
+    def linear_coordinates(self, theta):
+        theta = np.asarray(theta, dtype=np.float64)
+        e, eps, h = theta[:, 0], theta[:, 1], theta[:, 2]
+        k = np.clip(np.searchsorted(self.t, eps, side="right") - 1, 0, len(self.t) - 1)
+        return k, np.stack([e, h, (e - h) * eps], axis=1)
+
+    def solve_fixed(self, s0, s1, ridge):
+        return self.solve_information(self.information_from_sums(np.asarray(s0, np.float64),
+                                                                 np.asarray(s1, np.float64)), ridge)
+
+    def solve_free(self, s0, s1, m2):
+        s0, s1, m2 = (np.asarray(a, np.float64) for a in (s0, s1, m2))
+        return self.solve_information(self.information_from_sums(s0, s1, m2))
+
+    def solve_information(self, info, ridge=0.0, intervals=True):
+        if "q" in info:
+            return self._solve_fixed_information(info["q"] + ridge * np.diag(self.ridge_diagonal), info["b"], intervals)
+        return self._solve_free_information(info, intervals)
+
+    def _solve_fixed_information(self, q, b, use_intervals):
+        """min over the candidates of y^T Q y - 2 b . y (Q: (C, L, 3, 3) with the ridge, b: (C, L, 3))."""
+        grid, intervals = self._candidates()
+        best_f = np.zeros(len(q))                                   # E = H = 0: objective 0
+        best = np.zeros((len(q), 3))
+        best[:, 1] = self.t[grid[0]]
+
+        def offer(f, e, eps, h, ok):
+            nonlocal best_f, best
+            f = np.where(ok, f, np.inf)
+            j = np.argmin(f, axis=1)
+            fj = f[np.arange(len(f)), j]
+            better = fj < best_f
+            pick = np.stack([e, eps, h], -1)[np.arange(len(f)), j]
+            best_f = np.where(better, fj, best_f)
+            best = np.where(better[:, None], pick, best)
+
+        # grid points: 2-parameter non-negative least squares in (E, H)
+        m = self._grid_maps(grid)
+        q2 = np.einsum("gia,cgij,gjb->cgab", m, q[:, grid], m)
+        b2 = np.einsum("gia,cgi->cga", m, b[:, grid])
+        eps = np.broadcast_to(self.t[grid], q2.shape[:2])
+        y = np.linalg.solve(q2, b2[..., None])[..., 0]
+        offer(-(b2 * y).sum(-1), y[..., 0], eps, y[..., 1], (y >= 0).all(-1))
+        for i in (0, 1):  # one of E, H at zero
+            v = b2[..., i] / q2[..., i, i]
+            e, h = (v, 0 * v) if i == 0 else (0 * v, v)
+            offer(-b2[..., i] * v, e, eps, h, v >= 0)
+        if not use_intervals:
+            return best
+        # interval interiors and the faces H = 0 and E = 0 inside them
+        lo, hi = self.t[intervals], self.t[intervals + 1]
+        qk, bk = q[:, intervals], b[:, intervals]
+        y = np.linalg.solve(qk, bk[..., None])[..., 0]
+        e, h, g = y[..., 0], y[..., 1], y[..., 2]
+        eps = g / np.where(e - h == 0, np.nan, e - h)
+        offer(-(bk * y).sum(-1), e, eps, h, (e >= 0) & (h >= 0) & (eps >= lo) & (eps <= hi))
+        for keep, sign in (((0, 2), 1.0), ((1, 2), -1.0)):  # H = 0: curve alpha u + gamma v; E = 0
+            sub = np.ix_(keep, keep)
+            y = np.linalg.solve(qk[..., sub[0], sub[1]], bk[..., keep][..., None])[..., 0]
+            a, g = y[..., 0], y[..., 1]
+            eps = sign * g / np.where(a == 0, np.nan, a)
+            e, h = (a, 0 * a) if keep[0] == 0 else (0 * a, a)
+            offer(-(bk[..., keep] * y).sum(-1), e, eps, h, (a >= 0) & (eps >= lo) & (eps <= hi))
+        return best
+
+    def _solve_free_information(self, info, use_intervals):
+        """max over the candidates of the Rayleigh quotient y^T A2_k y / y^T B_k y, unit mean amplitude."""
+        grid, intervals = self._candidates()
+        d = self._designs
+        gram = np.einsum("kli,klj->kij", d, d)                     # B_k = D_k^T D_k (L, 3, 3)
+        a = info["a2"]                                              # A_k = D_k^T M2 D_k (C, L, 3, 3)
+        k_all = len(a)
+        best_r = np.full(k_all, -np.inf)
+        best = np.zeros((k_all, 3))
+
+        def offer(r, e, eps, h, ok):
+            nonlocal best_r, best
+            r = np.where(ok, r, -np.inf)
+            j = np.argmax(r, axis=1)
+            rj = r[np.arange(k_all), j]
+            better = rj > best_r
+            pick = np.stack([e, eps, h], -1)[np.arange(k_all), j]
+            best_r = np.where(better, rj, best_r)
+            best = np.where(better[:, None], pick, best)
+
+        # grid points: the top eigenvector of the (E, H) problem if it lies in E, H >= 0, else a ray
+        m = self._grid_maps(grid)
+        a2 = np.einsum("gia,cgij,gjb->cgab", m, a[:, grid], m)
+        b2 = np.einsum("gia,gij,gjb->gab", m, gram[grid], m)
+        eps = np.broadcast_to(self.t[grid], a2.shape[:2])
+        r, v = top_eigenvectors(a2, np.linalg.cholesky(b2))
+        v = v * np.sign(v[..., :1] + (v[..., :1] == 0))
+        offer(r, v[..., 0], eps, v[..., 1], v[..., 1] >= 0)
+        for i in (0, 1):
+            r = a2[..., i, i] / b2[None, :, i, i]
+            one = np.ones_like(r)
+            e, h = (one, 0 * one) if i == 0 else (0 * one, one)
+            offer(r, e, eps, h, np.ones_like(r, bool))
+        if not use_intervals:
+            return self._unit_amplitude(best, info, gram)
+        # interval interiors and the faces H = 0 and E = 0 inside them
+        lo, hi = self.t[intervals], self.t[intervals + 1]
+        ak, bk = a[:, intervals], gram[intervals]
+        r, y = top_eigenvectors(ak, np.linalg.cholesky(bk))
+        y = y * np.sign(y[..., :1] + (y[..., :1] == 0))
+        e, h, g = y[..., 0], y[..., 1], y[..., 2]
+        eps = g / np.where(e - h == 0, np.nan, e - h)
+        offer(r, e, eps, h, (h >= 0) & (eps >= lo) & (eps <= hi))
+        for keep, sign in (((0, 2), 1.0), ((1, 2), -1.0)):
+            r, y = top_eigenvectors(ak[..., keep, :][..., :, keep], np.linalg.cholesky(bk[:, keep][:, :, keep]))
+            y = y * np.sign(y[..., :1] + (y[..., :1] == 0))
+            lead, g = y[..., 0], y[..., 1]
+            eps = sign * g / np.where(lead == 0, np.nan, lead)
+            e, h = (lead, 0 * lead) if keep[0] == 0 else (0 * lead, lead)
+            offer(r, e, eps, h, (eps >= lo) & (eps <= hi))
+        return self._unit_amplitude(best, info, gram)
+
+    def _unit_amplitude(self, best, info, gram):
+        # unit mean amplitude (module docstring) from the information: <S1, m> = y . b_k, ||m||^2 = y^T B_k y
+        k, y = self.linear_coordinates(best)
+        rows = np.arange(len(best))
+        mm = np.einsum("ci,cij,cj->c", y, gram[k], y)
+        scale = (y * info["b"][rows, k]).sum(-1) / (np.maximum(info["w"], 1e-300) * np.maximum(mm, 1e-300))
+        best[:, 0] *= scale
+        best[:, 2] *= scale
+        return best
+
+    def cluster_features(self, theta):
+        # Gibson-Ashby: modulus and yield stress scale with relative density within a topology,
+        # while the yield strain and the hardening ratio H/E are density-free shape descriptors.
+        e = np.maximum(theta[:, 0], 1e-12)
+        return np.stack([np.log(np.maximum(theta[:, 1], 1e-12)), np.log(np.maximum(theta[:, 2], 1e-6 * e) / e)], axis=1)
+
+    def describe(self, theta):
+        out = super().describe(theta)
+        out["yield_stress"] = (theta[:, 0] * theta[:, 1]).tolist()
+        return out
