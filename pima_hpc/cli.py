@@ -1,6 +1,7 @@
 """The ``pima`` command.
 
     pima train CONFIG [key=value ...]     train (both stages by default), resuming if run_dir has a checkpoint
+                                          (--select-k 2:20: choose the number of clusters first)
     pima evaluate RUN_DIR                 recompute metrics and figures of a finished run
     pima show RUN_DIR                     print a run's config summary, history and metrics
     pima predict RUN_DIR INPUT... --out DIR   clusters, posteriors, absent curves/images for new samples
@@ -36,7 +37,10 @@ def cmd_train(args) -> int:
     from pima_hpc.train.run import train_from_config
 
     cfg = load_config(args.config, args.overrides)
-    return train_from_config(cfg)
+    if args.select_k is None:
+        return train_from_config(cfg)
+    from pima_hpc.train.select_k import parse_k_range
+    return train_from_config(cfg, select_k=(parse_k_range(args.select_k), args.criterion))
 
 
 def cmd_select_k(args) -> int:
@@ -125,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a PIMA model (multimodal and cross-modal stages)")
     p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 run_dir=runs/x")
+    p.add_argument("--select-k", metavar="RANGE", default=None,
+                   help="choose model.n_clusters first, without labels, as `pima select-k --range RANGE` does "
+                        "(e.g. 2:20; kept in run_dir/select_k.json, reused on resume)")
+    p.add_argument("--criterion", default="icl", choices=("icl", "bic", "heldout"),
+                   help="with --select-k: icl (default), bic, or heldout")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("select-k", help="choose the number of clusters without labels (pre-train, then BIC/ICL)")

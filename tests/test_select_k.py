@@ -56,3 +56,22 @@ def test_select_k_command_writes_scores_and_plot(tmp_path, capsys):
     assert f"chosen K = {result['chosen_k']}" in capsys.readouterr().out
     assert pima(["select-k", "configs/digits.yaml", f"run_dir={run}", "--range", "1:3"]) == 2
     assert "--range '1:3'" in capsys.readouterr().err
+
+
+def test_train_select_k_trains_with_the_chosen_k_and_keeps_it_on_resume(tmp_path, caplog):
+    """`pima train --select-k`: the same model as training with that K given by hand, and a second call
+    (a resume) reads K back from select_k.json instead of choosing again."""
+    common = ["configs/digits.yaml", "train.pretrain_epochs=1", "train.epochs=1", "stages=[multimodal]",
+              "train.progress=false", "figures=false"]
+    sel, plain = tmp_path / "sel", tmp_path / "plain"
+    assert pima(["train", *common, f"run_dir={sel}", "--select-k", "3:5"]) == 0
+    chosen = json.loads((sel / "select_k.json").read_text())["chosen_k"]
+    assert f"n_clusters: {chosen}" in (sel / "config.yaml").read_text()
+    assert pima(["train", *common, f"run_dir={plain}", f"model.n_clusters={chosen}"]) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (sel, plain))
+    assert a["multimodal"] == b["multimodal"]
+    assert [h["train_elbo"] for h in a["history"]] == [h["train_elbo"] for h in b["history"]]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pima"):
+        assert pima(["train", *common, f"run_dir={sel}", "--select-k", "3:5"]) == 0
+    assert f"select-k: K = {chosen} from {sel / 'select_k.json'}" in caplog.text
