@@ -183,12 +183,12 @@ def memory(args):
     from pima_hpc.data.layout import dataset_bytes, human_bytes
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench_mem_"))
     rows = []
-    base = subprocess.Popen([sys.executable, "-c", "import pima_hpc.data.lattice, pima_hpc.data.cli"])
+    base = subprocess.Popen([sys.executable, "-c", "import pima_hpc.data.lattice, pima_hpc.cli"])
     _, _, ru = os.wait4(base.pid, 0)
     rows.append({"specimens": "0 (imports only)", "peak RSS": human_bytes(ru.ru_maxrss * 1024)})
     for n in args.sizes:
         out = tmp / f"lattice-{n}"
-        cmd = [sys.executable, "-m", "pima_hpc.data.cli", "lattice", "--n", str(n), "--augment", "none",
+        cmd = [sys.executable, "-m", "pima_hpc", "data", "lattice", "--n", str(n), "--augment", "none",
                "--shard-size", str(args.shard_size), "--out", str(out), "--overwrite", "--quiet"]
         t0 = time.time()
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)

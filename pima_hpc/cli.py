@@ -45,10 +45,11 @@ def cmd_train(args) -> int:
 
 def cmd_select_k(args) -> int:
     from pima_hpc.config import load_config
-    from pima_hpc.train.select_k import parse_k_range, select_k
+    from pima_hpc.train.run import select_k_from_config
+    from pima_hpc.train.select_k import parse_k_range
 
     cfg = load_config(args.config, args.overrides)
-    result = select_k(cfg, parse_k_range(args.range), args.criterion)
+    result = select_k_from_config(cfg, parse_k_range(args.range), args.criterion)
     if _rank() == 0:
         for r in result["scores"]:
             held = f"  held-out log-lik {r['heldout']:.4f}" if r["heldout"] is not None else ""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,11 +18,15 @@ def pima(argv):
     return main(argv)
 
 
-def test_standalone_entry_point(tmp_path):
-    from pima_hpc.data.cli import main
-    assert main(["lattice", "--n", "3", "--size", "16", "--augment", "none", "--out", str(tmp_path / "a.h5"),
-                 "--quiet"]) == 0
-    assert main(["data", "info", str(tmp_path / "a.h5"), "--no-verify"]) == 0
+def test_module_entry_point(tmp_path):
+    """`python -m pima_hpc data ...` is `pima data ...` (for machines where the script is not on PATH)."""
+    out = tmp_path / "a.h5"
+    run = subprocess.run([sys.executable, "-m", "pima_hpc", "data", "lattice", "--n", "3", "--size", "16", "--augment",
+                          "none", "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    bad = subprocess.run([sys.executable, "-m", "pima_hpc", "data", "info", str(tmp_path / "missing.h5")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("pima: error: ") and "missing.h5: no such file" in bad.stderr
 
 
 def test_lattice_and_info(tmp_path, capsys):

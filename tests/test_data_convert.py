@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pima_hpc.data.verify import describe_verified
 from pima_hpc.data import DataError, describe, open_split, read_truth
 from pima_hpc.data.convert import convert_arrays, convert_files, write_arrays
 
@@ -44,7 +45,7 @@ def write_csv(path, curves, names=None, header_t=None, order=None):
 
 
 def read_all(out):
-    info = describe(out, verify=True)
+    info = describe_verified(out)
     got = {}
     for s in info.splits:
         r = open_split(out, s)
@@ -214,7 +215,7 @@ def write_folder(d, images, as_png):
 def stored(out):
     """Everything written per split, as stored (normalised arrays, labels, truth), plus the normalisation."""
     import h5py
-    info = describe(out, verify=True)
+    info = describe_verified(out)
     with h5py.File(out, "r") as f:
         data = {s: {k: f[s][k][()] for k in ("image", "curve", "label", "truth/source_index")} for s in info.splits}
     return info, data, [(m.offset, m.scale, m.shape) for m in info.spec.modalities]
@@ -265,7 +266,7 @@ def test_npy_images_are_memory_mapped_and_npz_key_chosen(tmp_path):
     assert isinstance(src.array, np.memmap) and len(src) == 40 and src.shape == (2, 8, 8)
     np.testing.assert_array_equal(src.read(np.array([5, 2])), images[[5, 2]])
     mapped = convert_arrays(tmp_path / "mapped.h5", np.load(tmp_path / "x.npy", mmap_mode="r"), curves, T)
-    assert describe(mapped, verify=True).spec["image"].shape == (2, 8, 8)
+    assert describe_verified(mapped).spec["image"].shape == (2, 8, 8)
     np.savez(tmp_path / "x.npz", curves=curves, images=images)
     np.save(tmp_path / "c.npy", curves)
     out = convert_files(tmp_path / "ds", tmp_path / "x.npz", tmp_path / "c.npy", images_key="images", t="0:1",
@@ -312,7 +313,7 @@ def test_shard_directory_parents_are_created_only_once_inputs_pass(tmp_path):
     np.save(tmp_path / "c.npy", curves)
     out = convert_files(tmp_path / "new" / "sub" / "ds", tmp_path / "x.npy", tmp_path / "c.npy", t="0:1",
                         shard_size=16, progress=False)
-    assert describe(out, verify=True).sharded
+    assert describe_verified(out).sharded
 
 
 def pima(argv):
@@ -379,7 +380,7 @@ def test_array_file_through_the_cli(tmp_path, capsys):
                  str(tmp_path / "c.csv"), "--t", "0:1", "--labels", str(tmp_path / "y.txt"), "--out", str(out),
                  "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
-    info = describe(out, verify=True)
+    info = describe_verified(out)
     assert info.spec["image"].shape == (3, 8, 8) and sum(s.count for s in info.splits.values()) == 40
     assert info.provenance["images_key"] == "imgs"
 

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pima_hpc.data.verify import describe_verified
 from pima_hpc.data import DataError, describe, list_splits, make_loader, open_split, read_truth, verify_dataset
 from pima_hpc.data.hdf5 import chunk_aware_order, partition_ranges
 from pima_hpc.data.storage import ModalityLayout, TruthField
@@ -68,7 +69,7 @@ def leftovers(directory: Path, keep=()):
 
 
 def test_round_trip_values_and_metadata(dataset, data):
-    info = describe(dataset, verify=True)
+    info = describe_verified(dataset)
     assert list(info.splits) == ["train", "val", "test"]
     assert {s: info.splits[s].count for s in COUNTS} == COUNTS
     cur = info.spec["curve"]

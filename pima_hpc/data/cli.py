@@ -9,14 +9,13 @@
 
 ``--out`` ending in .h5 writes one file; with ``--shard-size K`` it is a directory of shard
 files plus manifest.json. User errors raise :class:`DataError`; the ``pima`` entry point prints
-the message and exits 2 (so does ``python -m pima_hpc.data.cli``).
+the message and exits 2 (so does ``python -m pima_hpc data ...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
@@ -239,16 +238,3 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_info)
     return data
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m pima_hpc.data.cli``), same behaviour as ``pima data``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "data":  # `python -m pima_hpc.data.cli lattice ...` means `pima data lattice ...`
-        argv = ["data", *argv]
-    from pima_hpc.cli import main as pima_main  # the one place that turns user errors into exit 2
-    return pima_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

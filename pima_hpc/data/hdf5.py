@@ -26,6 +26,7 @@ import numpy as np
 
 from pima_hpc.data.base import SplitReader, batch_loader, batch_sizes, rank_block
 from pima_hpc.data.errors import DataError
+from pima_hpc.data.verify import verify_dataset
 from pima_hpc.data.layout import (LABEL, STORAGE_DTYPES, TRUTH_GROUP, UINT8_DIVISOR, DatasetInfo, check_part,
                                   describe, list_splits, open_h5, read_rows, stored_bytes_per_sample)
 
@@ -283,7 +284,10 @@ def open_split(path, split: str, rank: int = 0, world_size: int = 1, in_memory: 
     its stored size is below 1 GiB. ``verify`` checks every shard's SHA-256 and every chunk's
     checksum first (slow for big data; `pima data info` does the same).
     """
-    return H5SplitReader(describe(path, verify=verify), split, rank, world_size, in_memory, partition)
+    info = describe(path)
+    if verify:
+        verify_dataset(info)
+    return H5SplitReader(info, split, rank, world_size, in_memory, partition)
 
 
 def read_truth(path, split: str, rank: int = 0, world_size: int = 1, fields: list[str] | None = None,

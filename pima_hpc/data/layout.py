@@ -195,8 +195,9 @@ def _check_format(attrs, where: Path) -> int:
 # Describing a dataset
 
 
-def describe(path, verify: bool = False) -> DatasetInfo:
-    """Read and check a dataset's metadata; with ``verify``, also check checksums and every chunk.
+def describe(path) -> DatasetInfo:
+    """Read and check a dataset's metadata (the full check of checksums and chunks is
+    :func:`pima_hpc.data.verify.verify_dataset` of what this returns).
 
     Cheap checks always run: format and version, every modality present in every split with the
     same sample count, shapes and dtypes as declared, no empty split, shard files present with
@@ -210,9 +211,6 @@ def describe(path, verify: bool = False) -> DatasetInfo:
     else:
         raise DataError(f"{path}: no such file or directory; pass a .h5 file or a shard directory "
                         "built by `pima data`")
-    if verify:
-        from pima_hpc.data.verify import verify_dataset  # here: verify imports this module
-        verify_dataset(info)
     return info
 
 

@@ -1,4 +1,4 @@
-"""The full integrity check of a dataset (``pima data info`` unless ``--no-verify``; ``describe(path, verify=True)``).
+"""The full integrity check of a dataset (``pima data info`` unless ``--no-verify``; :func:`describe_verified`).
 
 The cheap structural checks run whenever a dataset is opened (:func:`~pima_hpc.data.layout.describe`);
 this one also reads every byte: the SHA-256 of every shard against ``manifest.json``, then every
@@ -14,7 +14,14 @@ import h5py
 import numpy as np
 
 from pima_hpc.data.errors import DataError
-from pima_hpc.data.layout import MANIFEST, DatasetInfo, check_part, open_h5, read_rows, sha256_file
+from pima_hpc.data.layout import MANIFEST, DatasetInfo, check_part, describe, open_h5, read_rows, sha256_file
+
+
+def describe_verified(path) -> DatasetInfo:
+    """:func:`~pima_hpc.data.layout.describe` plus the full check of every byte."""
+    info = describe(path)
+    verify_dataset(info)
+    return info
 
 
 def verify_dataset(info: DatasetInfo) -> None:
@@ -54,4 +61,4 @@ def _read_all_chunks(ds: h5py.Dataset, where: Path, block_bytes: int = 1 << 25) 
         read_rows(ds, a, min(a + rows, ds.shape[0]), where)
 
 
-__all__ = ["verify_dataset"]
+__all__ = ["describe_verified", "verify_dataset"]

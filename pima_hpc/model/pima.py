@@ -9,7 +9,7 @@ buffers set in closed form from sufficient statistics by :mod:`pima_hpc.train.em
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
 from pima_hpc.model import elbo
 from pima_hpc.model.experts import build_expert
 from pima_hpc.model.networks import ImageDecoder, build_classifier, build_encoder
+from pima_hpc.model.statistics import (expert_noise_variance, m_step_means, m_step_tied_variance, m_step_variances,
+                                       m_step_weights, profiled_noise_variance)
 
 if TYPE_CHECKING:  # the model reads its settings, it does not depend on the config module
     from pima_hpc.config import ModelConfig
@@ -121,6 +123,44 @@ class PIMA(nn.Module):
 
     def log_pi(self) -> torch.Tensor:
         return torch.log_softmax(self.pi_logits, dim=0)
+
+    @torch.no_grad()
+    def m_step(self, latent: Mapping[str, np.ndarray], variances: bool, weights: bool, tied: bool = False) -> None:
+        """The mixture's M-step from the gamma-weighted latent sums (n0, n1, n2): cluster means (eq 16),
+        optionally variances (per cluster, or one tied value) and weights."""
+        n0, n1, n2 = latent["n0"], latent["n1"], latent["n2"]
+        self.cluster_means.copy_(torch.as_tensor(m_step_means(n0, n1, self.cluster_means.double().cpu().numpy())))
+        if variances and tied:
+            self.cluster_logvars.data.fill_(float(np.log(m_step_tied_variance(n0, n1, n2))))
+        elif variances:
+            var = m_step_variances(n0, n1, n2, self.cluster_logvars.detach().exp().double().cpu().numpy())
+            self.cluster_logvars.data.copy_(torch.as_tensor(np.log(var)))
+        if weights:
+            self.pi_logits.data.copy_(torch.as_tensor(np.log(m_step_weights(n0))))
+
+    @torch.no_grad()
+    def solve_expert(self, name: str, stats: Mapping[str, np.ndarray], ridge: float, noise: str,
+                     noise_floor: float) -> None:
+        """Eq 17 for curve modality ``name`` from its gamma-weighted sums (s0, s1, s2; m2 with a free
+        amplitude), then sigma_hat_c from the weighted residuals when ``noise`` is "learned"."""
+        spec = self.spec[name]
+        s0, s1, s2 = stats["s0"], stats["s1"], stats["s2"]
+        prev_noise = self.log_noise(name).exp().double().cpu().numpy()
+        if self.amplitude_free:
+            # statistics of x_n + offset/scale = x / scale: physical units are one factor away
+            theta = self.experts[name].solve(s0, spec.scale * s1, self.theta(name), ridge,
+                                             m2=spec.scale ** 2 * stats["m2"])
+            self.set_theta(name, theta)
+            shapes = self.expert_curves(name).double().cpu().numpy() + self.curve_shift(name)
+            var = profiled_noise_variance(s0, stats["m2"], shapes, prev_noise, noise_floor ** 2)
+        else:
+            # Statistics are in normalised units; experts work in physical units (x = scale x_n + offset).
+            s1_phys = spec.scale * s1 + spec.offset * s0[:, None]
+            self.set_theta(name, self.experts[name].solve(s0, s1_phys, self.theta(name), ridge))
+            var = expert_noise_variance(s0, s1, s2, self.expert_curves(name).double().cpu().numpy(),
+                                        prev_noise, noise_floor ** 2)
+        if noise == "learned":
+            self.log_noise(name).copy_(torch.as_tensor(np.log(var)))
 
     # ----- inference ---------------------------------------------------------------------------
     def encode_each(self, batch: dict[str, torch.Tensor]) -> tuple[list, list]:

@@ -15,9 +15,7 @@ from sklearn.cluster import KMeans
 
 from pima_hpc.collective import allreduce_groups, gather_subsample
 from pima_hpc.model.pima import PIMA
-from pima_hpc.model.statistics import (StreamingStatistics, curve_statistics, expert_noise_variance,
-                                       latent_statistics, m_step_means, m_step_tied_variance, m_step_variances,
-                                       m_step_weights, profiled_noise_variance)
+from pima_hpc.model.statistics import StreamingStatistics, curve_statistics, latent_statistics, m_step_weights
 from pima_hpc.runtime import to_device
 
 
@@ -97,48 +95,6 @@ def agreement(model: PIMA, reader, batch_size: int, collective, device) -> float
 
 
 @torch.no_grad()
-def apply_gmm_m_step(model: PIMA, latent: StreamingStatistics, em_variances: bool, em_weights: bool,
-                     tied: bool = False) -> None:
-    """Cluster means (eq 16) and optionally variances and weights, identically on every rank."""
-    n0, n1, n2 = latent["n0"], latent["n1"], latent["n2"]
-    means = m_step_means(n0, n1, model.cluster_means.double().cpu().numpy())
-    model.cluster_means.copy_(torch.as_tensor(means))
-    if em_variances and tied:
-        var = m_step_tied_variance(n0, n1, n2)
-        model.cluster_logvars.data.fill_(float(np.log(var)))
-    elif em_variances:
-        var = m_step_variances(n0, n1, n2, model.cluster_logvars.detach().exp().double().cpu().numpy())
-        model.cluster_logvars.data.copy_(torch.as_tensor(np.log(var)))
-    if em_weights:
-        model.pi_logits.data.copy_(torch.as_tensor(np.log(m_step_weights(n0))))
-
-
-@torch.no_grad()
-def apply_expert_solve(model: PIMA, curves: dict[str, StreamingStatistics], ridge: float, noise: str,
-                       noise_floor: float) -> None:
-    """Eq 17 from the gamma-weighted curve statistics, then sigma_hat_c from the weighted residuals."""
-    for name, st in curves.items():
-        spec = model.spec[name]
-        s0, s1, s2 = st["s0"], st["s1"], st["s2"]
-        prev_noise = model.log_noise(name).exp().double().cpu().numpy()
-        if model.amplitude_free:
-            # statistics of x_n + offset/scale = x / scale: physical units are one factor away
-            theta = model.experts[name].solve(s0, spec.scale * s1, model.theta(name), ridge,
-                                              m2=spec.scale ** 2 * st["m2"])
-            model.set_theta(name, theta)
-            shapes = model.expert_curves(name).double().cpu().numpy() + model.curve_shift(name)
-            var = profiled_noise_variance(s0, st["m2"], shapes, prev_noise, noise_floor ** 2)
-        else:
-            # Statistics are in normalised units; experts work in physical units (x = scale x_n + offset).
-            s1_phys = spec.scale * s1 + spec.offset * s0[:, None]
-            model.set_theta(name, model.experts[name].solve(s0, s1_phys, model.theta(name), ridge))
-            var = expert_noise_variance(s0, s1, s2, model.expert_curves(name).double().cpu().numpy(),
-                                        prev_noise, noise_floor ** 2)
-        if noise == "learned":
-            model.log_noise(name).copy_(torch.as_tensor(np.log(var)))
-
-
-@torch.no_grad()
 def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, device, seed: int,
                             max_fit_samples: int = 20000) -> dict:
     """Seed clusters from the physics: fit the expert to every curve alone, k-means++ the fits.
@@ -167,7 +123,8 @@ def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, de
         start += len(batch["index"])
         add_curve_batch(model, curves, gamma, batch)
     reduce_all(collective, [curves[n] for n in names])
-    apply_expert_solve(model, curves, ridge=0.0, noise="learned", noise_floor=model.cfg.expert_noise_floor)
+    for name, st in curves.items():
+        model.solve_expert(name, st, ridge=0.0, noise="learned", noise_floor=model.cfg.expert_noise_floor)
     if model.cfg.expert_noise == "fixed":
         for n in names:
             model.log_noise(n).fill_(float(np.log(model.cfg.expert_noise_std ** 2)))

@@ -136,8 +136,9 @@ class MultimodalStage(Stage):
                                                self.cfg.seed))
             _, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
             if curves:  # the experts from the mixture's responsibilities (eq 17)
-                em.apply_expert_solve(self.model, curves, t.ridge, self.cfg.model.expert_noise,
-                                      self.cfg.model.expert_noise_floor)
+                for name, st in curves.items():
+                    self.model.solve_expert(name, st, t.ridge, self.cfg.model.expert_noise,
+                                            self.cfg.model.expert_noise_floor)
         if self.cfg.model.image_noise == "learned" and self.model.image_names:
             info["image_noise_std"] = em.update_image_noise(self.model, self.train_data, bs, self.collective,
                                                             self.device)
@@ -224,14 +225,15 @@ class MultimodalStage(Stage):
         else:
             latent, curves = em.em_pass(self.model, self.train_data, self.eval_batch, self.collective, self.device,
                                         self.curve_memory, t.rls_forgetting)
-            em.apply_expert_solve(self.model, curves, t.ridge, m.expert_noise, m.expert_noise_floor)
+            for name, st in curves.items():
+                self.model.solve_expert(name, st, t.ridge, m.expert_noise, m.expert_noise_floor)
             self.curve_memory = curves if t.rls_forgetting > 0 else None
         epoch = self.state.epoch
         if self.state.warm and epoch < t.warmup_epochs:
             return
         anchors = {k: v.detach().clone() for k, v in self.model.state_dict().items()
                    if k in ("cluster_means", "cluster_logvars", "pi_logits")}
-        em.apply_gmm_m_step(self.model, latent, t.em_variances, t.em_weights, t.tied_variances)
+        self.model.m_step(latent, t.em_variances, t.em_weights, t.tied_variances)
         if self.state.warm:
             agreement = em.agreement(self.model, self.train_data, self.eval_batch, self.collective, self.device)
             self.state.agreement.append(agreement)

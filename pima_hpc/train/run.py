@@ -89,6 +89,17 @@ def train_from_config(cfg: Config, report=None, select_k: tuple[list[int], str] 
         ctx.close()
 
 
+def select_k_from_config(cfg: Config, ks: list[int], criterion: str = "icl") -> dict:
+    """``pima select-k``: choose the number of clusters without labels (pima_hpc/train/select_k.py)."""
+    from pima_hpc.train.select_k import select_k
+
+    ctx = make_context(cfg)
+    try:
+        return select_k(cfg, ks, criterion, ctx)
+    finally:
+        ctx.close()
+
+
 def evaluate_run(run_dir: str, overrides: list[str] | None = None) -> dict:
     """Reload a run's config and newest checkpoint, recompute metrics.json and the figures."""
     from pima_hpc.train.trainer import Trainer, summary_line

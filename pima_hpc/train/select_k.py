@@ -94,21 +94,15 @@ def plot_scores(rows: list[dict], chosen: int, criterion: str, path: Path) -> No
     plt.close(fig)
 
 
-def select_k(cfg, ks: list[int], criterion: str = "icl", out_dir: str | None = None,
-             max_rows: int = 20000, ctx=None) -> dict:
-    """Pre-train once, score every K, write select_k.json and select_k.png to ``out_dir`` (run_dir).
-
-    ``ctx``: the run context to work in (kept open); by default one is made and closed here.
-    """
+def select_k(cfg, ks: list[int], criterion: str, ctx, out_dir: str | None = None, max_rows: int = 20000) -> dict:
+    """Pre-train once in the run context ``ctx`` (left open), score every K, write select_k.json and
+    select_k.png to ``out_dir`` (run_dir)."""
     from pima_hpc.atomic import atomic_write_text
     from pima_hpc.train.pretrain import fused_means, pretrain_autoencoder
-    from pima_hpc.train.run import make_context
     from pima_hpc.train.trainer import Trainer
 
     if criterion not in CRITERIA:
         raise ConfigError(f"--criterion must be one of {list(CRITERIA)}, got {criterion!r}")
-    own_context = ctx is None
-    ctx = make_context(cfg) if own_context else ctx
     trainer = None
     try:
         trainer = Trainer(cfg, ctx)
@@ -136,8 +130,6 @@ def select_k(cfg, ks: list[int], criterion: str = "icl", out_dir: str | None = N
         if trainer is not None:
             trainer.close()
         trainer = None
-        if own_context:
-            ctx.close()
 
 
 def chosen_k_for_run(cfg, ks: list[int], criterion: str, ctx) -> int:
@@ -149,7 +141,7 @@ def chosen_k_for_run(cfg, ks: list[int], criterion: str, ctx) -> int:
         if stored.get("criterion") == criterion and [r["k"] for r in stored.get("scores", [])] == ks:
             log.info("select-k: K = %d from %s (%s)", stored["chosen_k"], path, criterion)
             return int(stored["chosen_k"])
-    result = select_k(cfg, ks, criterion, ctx=ctx)
+    result = select_k(cfg, ks, criterion, ctx)
     log.info("select-k: K = %d by %s over %d..%d (%s)", result["chosen_k"], criterion, ks[0], ks[-1],
              ", ".join(result.get("written", [])) or "written by rank 0")
     return int(result["chosen_k"])
