@@ -82,6 +82,9 @@ class ModelConfig:
     # an image's likelihood is not fixed by its units and pixel count against the curves'.
     image_noise: str = "unit"
     image_noise_floor: float = 0.01
+    # Curve modalities decoded by a data-driven network from z (the paper's black-box decoder) instead of a
+    # physics expert: for curves no law fits. Their likelihood is eq 12's Gaussian, variance as image_noise.
+    network_curves: list[str] = field(default_factory=list)
     # "learned": sigma_hat_c^2 from the weighted residuals each epoch; "fixed": expert_noise_std.
     expert_noise: str = "learned"
     expert_noise_std: float = 1.0
@@ -107,6 +110,8 @@ class ModelConfig:
         _choice(self.expert_noise, "model.expert_noise", ("learned", "fixed"))
         _choice(self.image_noise, "model.image_noise", ("unit", "learned"))
         _check(self.image_noise_floor > 0, "model.image_noise_floor", "must be > 0")
+        _check(len(set(self.network_curves)) == len(self.network_curves), "model.network_curves",
+               f"names a modality twice: {list(self.network_curves)}")
         _check(self.expert_noise_std > 0, "model.expert_noise_std", "must be > 0")
         _check(self.expert_noise_floor > 0, "model.expert_noise_floor", "must be > 0")
         from pima_hpc.model.experts import AMPLITUDES, EXPERTS, build_expert

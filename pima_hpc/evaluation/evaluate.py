@@ -108,6 +108,9 @@ class Evaluator:
         metrics["cluster_weights"] = model.log_pi().exp().tolist()
         metrics["image_noise_std"] = {n: float(getattr(model, f"log_recon_var_{n}").exp().sqrt())
                                       for n in model.image_names}
+        if model.network_curve_names:  # normalised units, like the images'
+            metrics["network_curve_noise_std"] = {n: float(getattr(model, f"log_recon_var_{n}").exp().sqrt())
+                                                  for n in model.network_curve_names}
         if model.amplitude_free:
             metrics["expert_amplitude"] = self.amplitude_report(self.splits["train"])
         if self.crossmodal is not None:

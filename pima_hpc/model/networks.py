@@ -89,12 +89,15 @@ class ImageDecoder(nn.Module):
         return torch.sigmoid(self.to_image(x))  # data are normalised to [0, 1] (Appendix A)
 
 
+CURVE_DECODER_HIDDEN = 64
+
+
 class CurveDecoder(nn.Module):
     """A data-driven decoder of a curve, z -> its L values (the paper's black-box decoder for a curve).
 
-    An MLP: curves are short (tens to hundreds of points) and smooth, so a hidden layer suffices."""
+    An MLP: curves are short (tens to hundreds of points) and smooth, so two hidden layers suffice."""
 
-    def __init__(self, spec: ModalitySpec, hidden: int, latent_dim: int):
+    def __init__(self, spec: ModalitySpec, latent_dim: int, hidden: int = CURVE_DECODER_HIDDEN):
         super().__init__()
         (length,) = spec.shape
         self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),

@@ -18,7 +18,8 @@ from torch import nn
 from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
 from pima_hpc.model import elbo
 from pima_hpc.model.experts import build_expert
-from pima_hpc.model.networks import ImageDecoder, build_classifier, build_encoder
+from pima_hpc.errors import ConfigError
+from pima_hpc.model.networks import CurveDecoder, ImageDecoder, build_classifier, build_encoder
 from pima_hpc.model.statistics import (expert_noise_variance, m_step_means, m_step_tied_variance, m_step_variances,
                                        m_step_weights, profiled_noise_variance)
 
@@ -57,14 +58,22 @@ class PIMA(nn.Module):
         self.spec, self.cfg = spec, cfg
         c, l = cfg.n_clusters, cfg.latent_dim
         self.names = spec.names
+        curves = [m.name for m in spec.modalities if m.kind == CURVE]
+        unknown = [n for n in cfg.network_curves if n not in curves]
+        if unknown:
+            raise ConfigError(f"config key 'model.network_curves': {unknown} are not curve modalities of the data "
+                              f"(its curves: {curves}); name curves to decode by a network instead of an expert")
         self.image_names = [m.name for m in spec.modalities if m.kind == IMAGE]
-        self.curve_names = [m.name for m in spec.modalities if m.kind == CURVE]
+        # curves with a physics expert (eqs 11, 17) and curves decoded from z by a network (eq 12's Gaussian)
+        self.curve_names = [n for n in curves if n not in cfg.network_curves]
+        self.network_curve_names = [n for n in curves if n in cfg.network_curves]
+        self.decoded_names = [n for n in self.names if n in self.image_names or n in self.network_curve_names]
         self.encoders = nn.ModuleDict({m.name: build_encoder(m, cfg.image_channels, cfg.curve_channels, l)
                                        for m in spec.modalities})
-        self.decoders = nn.ModuleDict({m.name: ImageDecoder(m, cfg.decoder_channels, l)
-                                       for m in spec.modalities if m.kind == IMAGE})
-        self.experts = {m.name: build_expert(cfg.expert, m.t, cfg.expert_amplitude, cfg.expert_options)
-                        for m in spec.modalities if m.kind == CURVE}
+        self.decoders = nn.ModuleDict({m.name: ImageDecoder(m, cfg.decoder_channels, l) if m.kind == IMAGE
+                                       else CurveDecoder(m, l) for m in spec.modalities if m.name in self.decoded_names})
+        self.experts = {name: build_expert(cfg.expert, spec[name].t, cfg.expert_amplitude, cfg.expert_options)
+                        for name in self.curve_names}
         self.amplitude_free = cfg.expert_amplitude == "free"
         # eq 9: pi = softmax(free vector)
         self.pi_logits = nn.Parameter(torch.zeros(c))
@@ -72,7 +81,7 @@ class PIMA(nn.Module):
         self.register_buffer("cluster_means", spread_points(c, l, cfg.cluster_init_scale))
         self.cluster_logvars = nn.Parameter(torch.zeros(c, l))
         init_noise = float(np.log(cfg.expert_noise_std ** 2))
-        for name in self.image_names:  # sigma^2 of eq 12: 1 (the paper) or set in closed form (image_noise: learned)
+        for name in self.decoded_names:  # sigma^2 of eq 12: 1 (the paper) or set in closed form (image_noise: learned)
             self.register_buffer(f"log_recon_var_{name}", torch.zeros(()))
         for name, expert in self.experts.items():
             self.register_buffer(f"theta_{name}", torch.zeros(c, expert.n_params, dtype=torch.float64))
@@ -115,7 +124,8 @@ class PIMA(nn.Module):
         return elbo.profiled_amplitude(x + shift, self.expert_curves(name) + shift)
 
     def recon_log_likelihood(self, name: str, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        """log p(X_i | z) of image modality ``name`` (eq 12) with its observation variance: (B,)."""
+        """log p(X_i | z) of a network-decoded modality ``name`` (eq 12; an image or a network curve) with its
+        observation variance: (B,)."""
         return elbo.gaussian_recon_log_likelihood(x, x_hat, getattr(self, f"log_recon_var_{name}"))
 
     def set_recon_variance(self, name: str, var: float) -> None:
@@ -231,7 +241,7 @@ class PIMA(nn.Module):
         """
         mu, logvar = self.encode(batch)
         z = elbo.reparameterize(mu, logvar, generator)
-        means = {name: _full_precision(self.decoders[name](z)) for name in self.image_names}
+        means = {name: _full_precision(self.decoders[name](z)) for name in self.decoded_names}
         # The networks above may run under the caller's autocast (train.precision=bf16); the ELBO's
         # closed forms below always run in float32.
         with torch.autocast(z.device.type, enabled=False):
@@ -246,7 +256,7 @@ class PIMA(nn.Module):
         gamma = log_gamma.exp()
         log_pi = self.log_pi()
         terms = {"recon": torch.zeros_like(mu[:, 0]), "expert": torch.zeros_like(mu[:, 0])}
-        for name in self.image_names:
+        for name in self.decoded_names:
             terms["recon"] = terms["recon"] + self.recon_log_likelihood(name, batch[name], means[name])
         for name in self.curve_names:
             ll = self.curve_log_likelihood(name, batch[name])
@@ -261,7 +271,17 @@ class PIMA(nn.Module):
     # ----- generation --------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: self.decoders[name](z) for name in self.image_names}
+        return {name: self.decoders[name](z) for name in self.decoded_names}
+
+    @torch.no_grad()
+    def decoded_curve(self, name: str, z: torch.Tensor, physical: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """A network curve at codes z: the decoder's mean and eq 12's variance (the same at every point), (B, L) each."""
+        mean = self.decoders[name](z)
+        var = getattr(self, f"log_recon_var_{name}").exp().expand_as(mean)
+        if not physical:
+            return mean, var
+        s = self.spec[name]
+        return s.to_physical(mean), var * s.scale ** 2
 
     @torch.no_grad()
     def predict_curve(self, name: str, weights: torch.Tensor, physical: bool = True,

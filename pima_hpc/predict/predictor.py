@@ -46,7 +46,7 @@ class Predictor:
 
     @property
     def absent_curves(self) -> list[str]:
-        return [n for n in self.absent if n in self.model.curve_names]
+        return [n for n in self.absent if n in self.model.curve_names or n in self.model.network_curve_names]
 
     @property
     def absent_images(self) -> list[str]:
@@ -69,12 +69,15 @@ class Predictor:
             src = self.present[0]
             log_post = xm.log_cluster_posterior(model, src, batch[src])
             z, _ = xm(src, batch[src])
-            curves = {d: xm.predict_curve(model, src, d, batch[src]) for d in self.absent_curves}
+            curves = {d: xm.predict_curve(model, src, d, batch[src]) for d in self.absent_curves
+                      if d in model.curve_names}
         else:
             full, mask = self._full_batch(batch)
             z, _ = model.encode(full, None if not self.absent else mask)
             log_post = model.log_responsibilities(z)
-            curves = {d: model.predict_curve(d, log_post.exp()) for d in self.absent_curves}
+            curves = {d: model.predict_curve(d, log_post.exp()) for d in self.absent_curves if d in model.curve_names}
+        # network curves: decoded at the code (mu, or mu~ of the one given modality), with eq 12's variance
+        curves.update({d: model.decoded_curve(d, z) for d in self.absent_curves if d in model.network_curve_names})
         images = {n: model.spec[n].to_physical(model.decoders[n](z)) for n in self.absent_images}
         return {"log_posterior": log_post, "cluster": log_post.argmax(-1),
                 "curves": {d: (mean, var.clamp_min(0).sqrt()) for d, (mean, var) in curves.items()},

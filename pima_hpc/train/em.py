@@ -166,12 +166,13 @@ def anchors_from_centres(centres: np.ndarray, latent_dim: int, min_distance: flo
 
 @torch.no_grad()
 def update_image_noise(model: PIMA, reader, batch_size: int, collective, device) -> dict[str, float]:
-    """model.image_noise: learned: sigma^2 of each image modality = its mean squared residual per pixel at
-    z = mu over the training split (the closed-form maximiser of eq 12 at the posterior mean), floored.
+    """model.image_noise: learned: sigma^2 of each network-decoded modality (images, network curves) = its
+    mean squared residual per value at z = mu over the training split (the closed-form maximiser of eq 12 at
+    the posterior mean), floored.
 
     Residual sums go through the collective, so every rank sets the same variance.
     """
-    names = model.image_names
+    names = model.decoded_names
     sums = np.zeros(2 * len(names))
     for batch in reader.iter_batches(batch_size, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -103,8 +103,9 @@ class MultimodalStage(Stage):
             out[name] = median
             if self.run.is_root and median < POOR_MEDIAN_R2:
                 log.warning("model.expert=%s fits the curves of modality %r poorly (median per-sample R^2 %.3f on %d "
-                            "training curves): compare experts with `pima data fit-experts DATA`, or use model.expert=free",
-                            self.cfg.model.expert, name, median, len(x))
+                            "training curves): compare experts with `pima data fit-experts DATA`, or use model.expert=free or "
+                            "model.network_curves=[%s]",
+                            self.cfg.model.expert, name, median, len(x), name)
         return out
 
     def initialise(self) -> None:
@@ -139,7 +140,7 @@ class MultimodalStage(Stage):
                 for name, st in curves.items():
                     self.model.solve_expert(name, st, t.ridge, self.cfg.model.expert_noise,
                                             self.cfg.model.expert_noise_floor)
-        if self.cfg.model.image_noise == "learned" and self.model.image_names:
+        if self.cfg.model.image_noise == "learned" and self.model.decoded_names:
             info["image_noise_std"] = em.update_image_noise(self.model, self.train_data, bs, self.collective,
                                                             self.device)
         return info
@@ -216,7 +217,7 @@ class MultimodalStage(Stage):
         """
         t = self.cfg.train
         m = self.cfg.model
-        if m.image_noise == "learned" and self.model.image_names:
+        if m.image_noise == "learned" and self.model.decoded_names:
             em.update_image_noise(self.model, self.train_data, self.eval_batch, self.collective, self.device)
         if self.streaming is not None and not exact:
             self.streaming.sync(self.collective)

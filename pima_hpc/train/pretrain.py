@@ -30,7 +30,6 @@ from pima_hpc.runtime import to_device
 
 log = logging.getLogger("pima")
 
-CURVE_DECODER_HIDDEN = 64
 # The fused posterior's variance at the start of training, as a share of the mixture's mean cluster variance.
 SAMPLE_VARIANCE_SHARE = 0.1
 
@@ -59,7 +58,7 @@ def pretrain_decoders(model, seed: int) -> dict:
     with fork:
         torch.manual_seed(seed + 31)
         for name in model.curve_names:
-            decoders[name] = CurveDecoder(model.spec[name], CURVE_DECODER_HIDDEN, model.cfg.latent_dim).to(
+            decoders[name] = CurveDecoder(model.spec[name], model.cfg.latent_dim).to(
                 model.cluster_means.device)
     return decoders
 
