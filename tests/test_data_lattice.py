@@ -9,7 +9,8 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pima_hpc.data import DataError, describe, open_split, read_truth
+from pima_hpc.data.verify import describe_verified
+from pima_hpc.data import DataError, open_split, read_truth
 from pima_hpc.data.lattice import (E_SOLID, GYROID, OCTET, SCALING, SIGMA_Y_SOLID, LatticeConfig, build_lattice,
                                    generate_specimen)
 
@@ -53,7 +54,7 @@ def small(tmp_path_factory):
 
 def test_layout_and_normalisation(small):
     out, cat = small
-    info = describe(out, verify=True)
+    info = describe_verified(out)
     assert {s: v.count for s, v in info.splits.items()} == {"train": 160, "test": 40}
     assert info.spec.label_names == ("gyroid", "octet")
     assert info.storage == {"image": "uint8", "curve": "float32"}
@@ -148,7 +149,7 @@ def test_paper_defaults_quadrants_and_flips(tmp_path):
     cfg = LatticeConfig()
     assert (cfg.size, cfg.views, cfg.points) == (152, 12, 100)
     out = build_lattice(tmp_path / "paper", 5, seed=1, shard_size=24, progress=False)
-    info = describe(out, verify=True)
+    info = describe_verified(out)
     assert {s: v.count for s, v in info.splits.items()} == {"train": 48, "test": 12}
     assert info.spec["image"].shape == (1, 152, 152)
     r = open_split(out, "test")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pima_hpc.data.verify import describe_verified
 from pima_hpc.data import DataError, describe, open_split
 from pima_hpc.data.mnist import FILES, build_mnist, parse_noise, read_idx
 from pima_hpc.data.splits import stratified_split
@@ -89,7 +90,7 @@ def test_stratified_split_is_exact_and_balanced():
 def test_synthetic_build_and_noise(tmp_path):
     src = fake_mnist(tmp_path / "idx", gz=False)
     out = build_mnist(src, tmp_path / "m.h5", "noisy", progress=False)
-    info = describe(out, verify=True)
+    info = describe_verified(out)
     assert {s: v.count for s, v in info.splits.items()} == {"train": 270, "val": 30, "test": 60}
     train = open_split(out, "train")
     spec = train.spec["curve"]

@@ -19,8 +19,8 @@ from pima_hpc.data.convert import convert_arrays, convert_files, write_arrays
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.hdf5 import H5SplitReader, make_loader, open_split, read_truth
 from pima_hpc.data.layout import DatasetInfo, describe, list_splits
-from pima_hpc.data.verify import verify_dataset
+from pima_hpc.data.verify import describe_verified, verify_dataset
 
 __all__ = ["CURVE", "IMAGE", "DataError", "DatasetInfo", "DatasetSpec", "H5SplitReader", "InMemorySplit",
            "ModalitySpec", "SplitReader", "convert_arrays", "convert_files", "describe", "list_splits",
-           "make_loader", "open_split", "rank_block", "read_truth", "verify_dataset", "write_arrays"]
+           "make_loader", "open_split", "rank_block", "read_truth", "describe_verified", "verify_dataset", "write_arrays"]
