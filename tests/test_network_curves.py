@@ -76,3 +76,7 @@ def test_network_curve_trains_and_is_predicted_from_the_image(tmp_path):
     truth = spec["curve"].to_physical(test["curve"].astype(np.float64))
     # the image carries its digit's slope: after 2 + 2 epochs R^2 is 0.56 here (the mean curve: 0)
     assert np.mean((got_mean - truth) ** 2) < 0.6 * np.mean((truth.mean(0) - truth) ** 2)
+    # evaluation reports the same prediction's quality (R^2 over every point, physical units)
+    quality = metrics["crossmodal_quality"]["image_to_curve"]["test"]
+    spread = ((truth - truth.mean(0)) ** 2).sum()
+    assert quality["r2"] == pytest.approx(1 - ((got_mean - truth) ** 2).sum() / spread, rel=1e-4)

@@ -116,13 +116,13 @@ class Evaluator:
         if self.crossmodal is not None:
             metrics["crossmodal_quality"] = {
                 f"{src}_to_{dst}": {split: self.curve_quality(reader, src, dst) for split, reader in self.splits.items()}
-                for src in model.names for dst in model.curve_names if src != dst}
+                for src in model.names for dst in model.curve_names + model.network_curve_names if src != dst}
         return metrics
 
     @torch.no_grad()
     def curve_quality(self, reader, src: str, dst: str) -> dict:
-        """Curve ``dst`` predicted from modality ``src`` alone (MoE mean +- 2 sd, eqs 13-14) against the
-        measured one, over every point in physical units: RMSE, R^2 (1 - SSE / the spread of each grid
+        """Curve ``dst`` predicted from modality ``src`` alone (MoE mean +- 2 sd, eqs 13-14; a network curve:
+        decoded at mu~_src, +- 2 sd of eq 12) against the measured one, over every point in physical units: RMSE, R^2 (1 - SSE / the spread of each grid
         point around its mean over samples, so 0 = predicting the average curve) and the share of
         points inside the +-2 sd band. Sums over ranks through the collective."""
         spec = self.model.spec[dst]
@@ -130,7 +130,10 @@ class Evaluator:
         sums = np.zeros(3 + 2 * length)  # SSE, points inside the band, samples, per-point sum y, sum y^2
         for batch in reader.iter_batches(self.batch_size, shuffle=False):
             batch = to_device(batch, self.device)
-            mean, var = self.crossmodal.predict_curve(self.model, src, dst, batch[src])
+            if dst in self.model.network_curve_names:  # decoded at the eq-18 code of src
+                mean, var = self.model.decoded_curve(dst, self.crossmodal(src, batch[src])[0])
+            else:
+                mean, var = self.crossmodal.predict_curve(self.model, src, dst, batch[src])
             truth = spec.to_physical(batch[dst]).double()
             err = truth - mean.double()
             sums[0] += float((err ** 2).sum())
