@@ -56,8 +56,21 @@ class TimingCollective:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
+    @staticmethod
+    def _kind(depth: int = 4) -> str:
+        """What is being reduced: the nearest caller named in KINDS, a few frames up (the library's
+        helpers such as collective.allreduce_groups sit between it and allreduce_sum)."""
+        frame = sys._getframe(2)
+        for _ in range(depth):
+            if frame is None:
+                break
+            if frame.f_code.co_name in KINDS:
+                return KINDS[frame.f_code.co_name]
+            frame = frame.f_back
+        return "other"
+
     def allreduce_sum(self, arrays):
-        kind = KINDS.get(sys._getframe(1).f_code.co_name, "other")
+        kind = self._kind()
         tic = time.perf_counter()
         out = self._inner.allreduce_sum(arrays)
         self.seconds[kind] += time.perf_counter() - tic
@@ -102,7 +115,7 @@ def worker(args) -> None:
             counts = trainer.train_data.global_counts(cfg.train.batch_size)
             epochs = []
             for epoch in range(args.epochs):
-                trainer.state["epoch"], trainer.state["step"] = epoch, 0
+                trainer.state.epoch, trainer.state.step = epoch, 0
                 before = timer.snapshot()
                 tic = time.perf_counter()
                 if epoch > 0:  # as MultimodalStage.fit: the initialisation stands in for epoch 0's pass
@@ -112,7 +125,7 @@ def worker(args) -> None:
                 trainer.multimodal.train_epoch(epoch)
                 train_s = time.perf_counter() - tic
                 after = timer.snapshot()
-                steps = trainer.state["step"]
+                steps = trainer.state.step
                 epochs.append({"em_s": em_s, "train_s": train_s, "steps": steps,
                                "samples": int(counts[:steps].sum()),
                                "comm": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}})
