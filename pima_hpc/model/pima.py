@@ -1,10 +1,12 @@
 """The PIMA model: unimodal encoders, product-of-experts fusion, Gaussian-mixture prior,
-data-driven image decoders and physics experts for curves (Sections 2.1-2.4).
+data-driven decoders for images (and curves listed in ``model.network_curves``) and physics
+experts for the other curves (Sections 2.1-2.4).
 
 This module knows nothing about ranks or launchers. Parameters trained by Adam are the
 networks, the mixture logits (eq 9) and, unless EM sets them, the cluster log-variances.
 The cluster means (eq 16), the expert parameters (eq 17) and the expert noise sigma_hat_c are
-buffers set in closed form from sufficient statistics by :mod:`pima_hpc.train.em`.
+buffers the model sets in closed form (:meth:`PIMA.m_step`, :meth:`PIMA.solve_expert`) from the
+sufficient statistics that :mod:`pima_hpc.train.em` gathers and sums over workers.
 """
 
 from __future__ import annotations
