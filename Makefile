@@ -1,6 +1,6 @@
 # Developer and CI entry points (.ci/run calls `make test`).
 #
-#   make venv        .venv with torch 2.13.0 (CPU wheel) and pima-hpc[mpi,tune,test], editable
+#   make venv        .venv with torch 2.13.0 (CPU wheel) and pima-hpc[mpi,tune,test,umap], editable
 #   make test        the whole test suite (the Slurm tests need tools/ci/slurm_up.sh first)
 #   make run         train on the bundled digits data (configs/digits.yaml)
 #   make slurm-up    start the single-node Slurm cluster of tools/ci/ (make slurm-down stops it)
@@ -26,7 +26,7 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): setup.py
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(VENV)/bin/python -m pip install --quiet -e '.[mpi,tune,test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[mpi,tune,test,umap]'
 	@touch $@
 
 test: $(VENV_STAMP)

@@ -26,6 +26,7 @@ setup(
         "mpi": ["mpich", "mpi4py>=3.1"],
         "tune": ["ray[tune,train]>=2.9"],
         "mlflow": ["mlflow-skinny>=2.10"],  # logging.mlflow: URI
+        "umap": ["umap-learn>=0.5"],  # train.pretrain_embedding: umap
         "test": ["pytest>=7", "pytest-timeout", "mlflow-skinny>=2.10"],
     },
     entry_points={"console_scripts": ["pima=pima_hpc.cli:main"]},

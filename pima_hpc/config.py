@@ -169,6 +169,12 @@ class TrainConfig:
     pretrain_balance: str = "values"
     # train.init=auto: epochs of ordinary training after each candidate initialisation before they are compared.
     init_trial_epochs: int = 1
+    # train.init=pretrain/auto: where the pre-trained codes are clustered: "none" = a diagonal Gaussian mixture on
+    # the codes; "umap" = a mixture on a UMAP embedding of them (umap-learn, the pima-hpc[umap] extra), whose
+    # clusters then set the prior's moments in the code space (pima_hpc/train/pretrain.py, docs/method.md).
+    pretrain_embedding: str = "none"
+    # train.pretrain_embedding=umap: UMAP's number of neighbours.
+    umap_neighbors: int = 30
     # Optional EM updates of the cluster variances and weights (from sum gamma*mu^2).
     em_variances: bool = True
     # One spherical variance shared by all clusters (robust latent-only assignment) or diagonal per cluster.
@@ -212,6 +218,8 @@ class TrainConfig:
         _check(0.0 <= self.warmup_agreement <= 1.0, "train.warmup_agreement", "must be in [0, 1]")
         _choice(self.init, "train.init", ("experts", "random", "pretrain", "auto"))
         _choice(self.pretrain_balance, "train.pretrain_balance", ("values", "modalities", "images"))
+        _choice(self.pretrain_embedding, "train.pretrain_embedding", ("none", "umap"))
+        _check(self.umap_neighbors >= 2, "train.umap_neighbors", f"must be >= 2, got {self.umap_neighbors}")
         _check(self.init_trial_epochs >= 1, "train.init_trial_epochs", f"must be >= 1, got {self.init_trial_epochs}")
         _check(self.pretrain_epochs >= 0, "train.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")

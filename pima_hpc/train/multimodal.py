@@ -134,7 +134,8 @@ class MultimodalStage(Stage):
                 self.run.recompute_batchnorm(self.model, self._multimodal_forward, t.precise_bn_batches,
                                              t.batch_size, 0)
                 info.update(fit_latent_mixture(self.model, self.train_data, bs, self.collective, self.device,
-                                               self.cfg.seed))
+                                               self.cfg.seed, embedding=t.pretrain_embedding,
+                                               neighbors=t.umap_neighbors))
             _, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
             if curves:  # the experts from the mixture's responsibilities (eq 17)
                 for name, st in curves.items():

@@ -1,0 +1,108 @@
+"""The UMAP-embedded initialisation (train.pretrain_embedding=umap, pima_hpc/train/pretrain.py): it finds
+clusters a Gaussian mixture on the codes cannot, its prior is the M-step of its responsibilities, and it
+never reads labels."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.mixture import GaussianMixture
+
+from pima_hpc.config import ConfigError, load_config
+from pima_hpc.train.pretrain import mean_log_likelihood, mixture_from_responsibilities, umap_mixture
+from pima_hpc.train.run import train_from_config
+from pima_hpc.train.trainer import Trainer
+
+
+def _accuracy(y, p, k):
+    m = np.zeros((k, k))
+    np.add.at(m, (p, y), 1)
+    r, c = linear_sum_assignment(-m)
+    return m[r, c].sum() / len(y)
+
+
+def _rings(n=600, seed=0):
+    """Two concentric noisy rings in 2-D: separated by neighbourhoods, not by any pair of Gaussians."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.repeat([0, 1], n // 2))
+    angle = rng.uniform(0, 2 * np.pi, n)
+    radius = np.where(y == 0, 1.0, 3.0) + 0.1 * rng.standard_normal(n)
+    return np.c_[radius * np.cos(angle), radius * np.sin(angle)], y
+
+
+def test_umap_mixture_separates_rings_a_gaussian_mixture_cannot():
+    x, y = _rings()
+    gmm = GaussianMixture(2, covariance_type="diag", n_init=3, random_state=0).fit(x)
+    assert _accuracy(y, gmm.predict(x), 2) < 0.75
+    resp = umap_mixture(x, 2, seed=0, neighbors=15)
+    assert resp.shape == (len(x), 2) and np.allclose(resp.sum(1), 1.0)
+    assert _accuracy(y, resp.argmax(1), 2) > 0.99
+    assert np.array_equal(umap_mixture(x, 2, seed=0, neighbors=15), resp)  # deterministic for a seed
+
+
+def test_prior_is_the_m_step_of_the_responsibilities():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 3))
+    resp = rng.dirichlet(np.ones(4), size=200)
+    fit = mixture_from_responsibilities(x, resp, reg=0.0)
+    for c in range(4):
+        w = resp[:, c]
+        mean = np.average(x, axis=0, weights=w)
+        assert np.allclose(fit["means"][c], mean, atol=1e-12)
+        assert np.allclose(fit["covariances"][c], np.average((x - mean) ** 2, axis=0, weights=w), atol=1e-12)
+    assert np.allclose(fit["weights"], resp.mean(0))
+    # its log-likelihood is scikit-learn's for the same diagonal mixture
+    gmm = GaussianMixture(4, covariance_type="diag")
+    gmm.weights_, gmm.means_, gmm.covariances_ = fit["weights"], fit["means"], fit["covariances"]
+    gmm.precisions_cholesky_ = 1 / np.sqrt(fit["covariances"])
+    assert mean_log_likelihood(x, fit) == pytest.approx(gmm.score(x), rel=1e-12)
+
+
+def _cfg(run_dir, *extra):
+    return load_config("configs/digits.yaml", [f"run_dir={run_dir}", "train.progress=false", "figures=false",
+                                               "train.epochs=1", "train.pretrain_epochs=2", "train.init=pretrain",
+                                               "train.pretrain_embedding=umap", "train.umap_neighbors=10", *extra])
+
+
+def test_umap_initialisation_never_reads_labels_and_trains(tmp_path, monkeypatch):
+    def initialised(scramble: bool):
+        trainer = Trainer(_cfg(tmp_path / f"r{scramble}"))
+        if scramble:
+            real = trainer.train_data.read_batch
+            monkeypatch.setattr(trainer.train_data, "read_batch",
+                                lambda idx: {**real(idx), "label": torch.full((len(idx),), -1)})
+        trainer.multimodal.initialise()
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer.state.init
+    (a, info), (b, _) = initialised(False), initialised(True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert info["embedding"] == "umap" and np.isclose(sum(info["cluster_weights"]), 1.0)
+    # the prior is set from the embedding's clusters: no two means coincide
+    means = a["cluster_means"].double()
+    assert torch.cdist(means, means).add(torch.eye(len(means)) * 1e9).min() > 1e-3
+    run = tmp_path / "run"
+    assert train_from_config(_cfg(run, "data.modalities=[image]", "stages=[multimodal]", "train.pretrain_epochs=10",
+                                  "model.image_noise=learned")) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["init"]["embedding"] == "umap" and metrics["multimodal"]["test"]["accuracy"] > 0.4
+
+
+def test_umap_missing_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_umap(name, *args, **kwargs):
+        if name == "umap":
+            raise ImportError("No module named 'umap'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_umap)
+    with pytest.raises(ConfigError, match=r"train.pretrain_embedding.*pima-hpc\[umap\]"):
+        umap_mixture(np.zeros((10, 2)), 2, 0, 5)
+
+
+def test_bad_embedding_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.pretrain_embedding"):
+        _cfg(tmp_path, "train.pretrain_embedding=tsne")
