@@ -9,14 +9,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.mixture import GaussianMixture
 
 from pima_hpc.config import ConfigError, load_config
 from pima_hpc.train.pretrain import mean_log_likelihood, mixture_from_responsibilities, umap_mixture
 from pima_hpc.train.run import train_from_config
-from pima_hpc.train.trainer import Trainer
 
 
 def _accuracy(y, p, k):
@@ -69,21 +67,8 @@ def _cfg(run_dir, *extra):
                                                "train.pretrain_embedding=umap", "train.umap_neighbors=10", *extra])
 
 
-def test_umap_initialisation_never_reads_labels_and_trains(tmp_path, monkeypatch):
-    def initialised(scramble: bool):
-        trainer = Trainer(_cfg(tmp_path / f"r{scramble}"))
-        if scramble:
-            real = trainer.train_data.read_batch
-            monkeypatch.setattr(trainer.train_data, "read_batch",
-                                lambda idx: {**real(idx), "label": torch.full((len(idx),), -1)})
-        trainer.multimodal.initialise()
-        return {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer.state.init
-    (a, info), (b, _) = initialised(False), initialised(True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert info["embedding"] == "umap" and np.isclose(sum(info["cluster_weights"]), 1.0)
-    # the prior is set from the embedding's clusters: no two means coincide
-    means = a["cluster_means"].double()
-    assert torch.cdist(means, means).add(torch.eye(len(means)) * 1e9).min() > 1e-3
+def test_images_alone_train_from_the_umap_start(tmp_path):
+    # (that the start never reads labels: tests/test_one_modality.py, parametrised over the embedding)
     run = tmp_path / "run"
     assert train_from_config(_cfg(run, "data.modalities=[image]", "stages=[multimodal]", "train.pretrain_epochs=10",
                                   "model.image_noise=learned")) == 0
