@@ -86,6 +86,9 @@ def test_umap_missing_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_umap)
     with pytest.raises(ConfigError, match=r"train.pretrain_embedding.*pima-hpc\[umap\]"):
         umap_mixture(np.zeros((10, 2)), 2, 0, 5)
+    from pima_hpc.train.trainer import Trainer
+    with pytest.raises(ConfigError, match=r"train.pretrain_embedding.*pima-hpc\[umap\]"):  # before any training
+        Trainer(_cfg(tmp_path / "run"))
 
 
 def test_bad_embedding_is_a_config_error(tmp_path):

@@ -67,6 +67,9 @@ class MultimodalStage(Stage):
         self.curve_memory = None  # the experts' statistics kept across epochs (train.rls_forgetting > 0)
         self.streaming = self._streaming_statistics()
         self.nan_at_step = _injected_nan_step()
+        if self.cfg.train.pretrain_embedding == "umap" and self.cfg.train.init in ("pretrain", "auto"):
+            from pima_hpc.train.pretrain import require_umap
+            require_umap()  # fail now, not after the pre-training
 
     def _streaming_statistics(self):
         """train.statistics=streaming: the EM statistics of the training pass (pima_hpc/train/streaming.py)."""

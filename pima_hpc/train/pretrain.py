@@ -124,6 +124,16 @@ def fused_means(model, reader, batch_size: int, device) -> np.ndarray:
                            for b in reader.iter_batches(batch_size, shuffle=False)])
 
 
+def require_umap():
+    """umap-learn, or one ConfigError naming the extra (checked when the stage is built, before pre-training)."""
+    try:
+        import umap
+    except ImportError:
+        raise ConfigError("config key 'train.pretrain_embedding': umap needs umap-learn; install it with "
+                          "pip install 'pima-hpc[umap]', or set train.pretrain_embedding=none") from None
+    return umap
+
+
 def umap_mixture(sample: np.ndarray, n_clusters: int, seed: int, neighbors: int) -> np.ndarray:
     """Responsibilities (N, K) of a full-covariance GaussianMixture fitted to a UMAP embedding of ``sample``.
 
@@ -132,11 +142,7 @@ def umap_mixture(sample: np.ndarray, n_clusters: int, seed: int, neighbors: int)
     mixture can separate (N2D, McConville et al. 2020). Measured on MNIST images (10 pre-training
     epochs, seed 0, test split): a mixture on the codes themselves 77.4 %, on their UMAP embedding 94.5 %.
     """
-    try:
-        import umap
-    except ImportError:
-        raise ConfigError("config key 'train.pretrain_embedding': umap needs umap-learn; install it with "
-                          "pip install 'pima-hpc[umap]', or set train.pretrain_embedding=none") from None
+    umap = require_umap()
     import warnings
     with warnings.catch_warnings():  # "n_jobs overridden by random_state": determinism is the point
         warnings.simplefilter("ignore", UserWarning)
