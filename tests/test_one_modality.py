@@ -37,11 +37,9 @@ def test_images_alone_train_evaluate_and_predict(tmp_path):
     assert json.loads((tmp_path / "pred" / "summary.json").read_text())["readout"] == "multimodal"
 
 
-@pytest.mark.parametrize("embedding", ["none", "umap"])
-def test_pretrain_initialisation_never_reads_labels(tmp_path, monkeypatch, embedding):
+def test_pretrain_initialisation_never_reads_labels(tmp_path, monkeypatch):
     def initialised(scramble: bool):
-        trainer = Trainer(_cfg(tmp_path / f"r{scramble}", "train.init=pretrain",
-                               f"train.pretrain_embedding={embedding}", "train.umap_neighbors=10"))
+        trainer = Trainer(_cfg(tmp_path / f"r{scramble}", "train.init=pretrain"))
         if scramble:
             real = trainer.train_data.read_batch
             monkeypatch.setattr(trainer.train_data, "read_batch",
@@ -50,9 +48,7 @@ def test_pretrain_initialisation_never_reads_labels(tmp_path, monkeypatch, embed
         return {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer.state.init
     (a, info), (b, _) = initialised(False), initialised(True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert info["gmm_converged"] and len(info["pretrain_losses"]) == 2 and info["embedding"] == embedding
-    means = a["cluster_means"].double()  # the prior is set from the mixture: no two means coincide
-    assert torch.cdist(means, means).add(torch.eye(len(means)) * 1e9).min() > 1e-3
+    assert info["gmm_converged"] and len(info["pretrain_losses"]) == 2
     assert info["pretrain_losses"][1] < info["pretrain_losses"][0]
 
 

@@ -76,6 +76,31 @@ def test_images_alone_train_from_the_umap_start(tmp_path):
     assert metrics["init"]["embedding"] == "umap" and metrics["multimodal"]["test"]["accuracy"] > 0.4
 
 
+def test_umap_mixture_never_reads_labels(tmp_path, monkeypatch):
+    """The pre-training's label-blindness is tested in tests/test_one_modality.py; here the UMAP mixture is fitted
+    twice from the same pre-trained model, once with the labels scrambled, and must come out identical."""
+    import torch
+    from pima_hpc.train.pretrain import fit_latent_mixture, pretrain_autoencoder
+    from pima_hpc.train.trainer import Trainer
+    trainer = Trainer(_cfg(tmp_path / "run"))
+    t, model, reader = trainer.cfg.train, trainer.model, trainer.train_data
+    pretrain_autoencoder(model, reader, trainer.ctx, 2, t.batch_size, t.lr, 0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def fitted():
+        model.load_state_dict(start)
+        info = fit_latent_mixture(model, reader, 64, trainer.collective, trainer.device, 0, embedding="umap",
+                                  neighbors=10)
+        return {k: v.clone() for k, v in model.state_dict().items()}, info
+    (a, info), real = fitted(), reader.read_batch
+    monkeypatch.setattr(reader, "read_batch", lambda idx: {**real(idx), "label": torch.full((len(idx),), -1)})
+    b, _ = fitted()
+    assert all(torch.equal(a[k], b[k]) for k in a) and info["embedding"] == "umap"
+    means = a["cluster_means"].double()  # the prior is set from the embedding's clusters: no two means coincide
+    assert torch.cdist(means, means).add(torch.eye(len(means)) * 1e9).min() > 1e-3
+    assert not torch.equal(a["cluster_means"], start["cluster_means"])
+
+
 def test_umap_missing_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
     real_import = builtins.__import__
 
