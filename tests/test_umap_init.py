@@ -1,6 +1,6 @@
 """The UMAP-embedded initialisation (train.pretrain_embedding=umap, pima_hpc/train/pretrain.py): it finds
-clusters a Gaussian mixture on the codes cannot, its prior is the M-step of its responsibilities, and it
-never reads labels."""
+clusters a Gaussian mixture on the codes cannot, its prior is the M-step of its responsibilities, it never
+reads labels, and a missing umap-learn is one config error before any training."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.mixture import GaussianMixture
 
 from pima_hpc.config import ConfigError, load_config
-from pima_hpc.train.pretrain import mean_log_likelihood, mixture_from_responsibilities, umap_mixture
+from pima_hpc.train.pretrain import (fit_latent_mixture, mean_log_likelihood, mixture_from_responsibilities,
+                                     pretrain_autoencoder, umap_mixture)
 from pima_hpc.train.run import train_from_config
+from pima_hpc.train.trainer import Trainer
 
 
 def _accuracy(y, p, k):
@@ -68,7 +71,6 @@ def _cfg(run_dir, *extra):
 
 
 def test_images_alone_train_from_the_umap_start(tmp_path):
-    # (that the start never reads labels: tests/test_one_modality.py, parametrised over the embedding)
     run = tmp_path / "run"
     assert train_from_config(_cfg(run, "data.modalities=[image]", "stages=[multimodal]", "train.pretrain_epochs=10",
                                   "model.image_noise=learned")) == 0
@@ -79,9 +81,6 @@ def test_images_alone_train_from_the_umap_start(tmp_path):
 def test_umap_mixture_never_reads_labels(tmp_path, monkeypatch):
     """The pre-training's label-blindness is tested in tests/test_one_modality.py; here the UMAP mixture is fitted
     twice from the same pre-trained model, once with the labels scrambled, and must come out identical."""
-    import torch
-    from pima_hpc.train.pretrain import fit_latent_mixture, pretrain_autoencoder
-    from pima_hpc.train.trainer import Trainer
     trainer = Trainer(_cfg(tmp_path / "run"))
     t, model, reader = trainer.cfg.train, trainer.model, trainer.train_data
     pretrain_autoencoder(model, reader, trainer.ctx, 2, t.batch_size, t.lr, 0)
@@ -111,7 +110,6 @@ def test_umap_missing_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_umap)
     with pytest.raises(ConfigError, match=r"train.pretrain_embedding.*pima-hpc\[umap\]"):
         umap_mixture(np.zeros((10, 2)), 2, 0, 5)
-    from pima_hpc.train.trainer import Trainer
     with pytest.raises(ConfigError, match=r"train.pretrain_embedding.*pima-hpc\[umap\]"):  # before any training
         Trainer(_cfg(tmp_path / "run"))
 
