@@ -3,6 +3,13 @@
 Data flows one way: a reader yields batches ``{modality name: float32 tensor, "label": int64,
 "index": int64}``; the model never sees files, ranks or shards.
 
+Per-sample grids. A curve measured on its own grid (each specimen its own strain points and
+length) is a modality with ``points = P > 0``: besides its values on the modality's reference
+grid ``t`` (what the encoder reads), every sample keeps its measured points, padded to P. A
+batch then also holds ``points_key(name, "t")`` (float64, physical), ``points_key(name, "x")``
+(float32, normalised like the modality, 0 in the padding) and ``points_key(name, "mask")``
+(float32, 1 on measured points); the physics experts see only those (docs/data-format.md).
+
 Normalisation (ERRATA 7, Appendix A): every modality is stored normalised to [0, 1] with an affine
 map fitted on the training split, ``x_norm = (x - offset) / scale``. Physics experts work in
 physical units and map their predictions through the same affine map (see
@@ -27,6 +34,21 @@ import torch
 IMAGE = "image"
 CURVE = "curve"
 KINDS = (IMAGE, CURVE)
+POINT_PARTS = ("t", "x", "mask")
+
+
+def points_key(name: str, part: str) -> str:
+    """The batch key of one part ("t", "x" or "mask") of a curve's per-sample points."""
+    return f"{name}@{part}"
+
+
+def points_from_stored(spec: "ModalitySpec", t: np.ndarray, x: np.ndarray, length: np.ndarray) -> dict:
+    """Stored points (t and x physical, padded; the valid length of each row) -> the batch's tensors."""
+    mask = np.arange(t.shape[1])[None, :] < np.asarray(length)[:, None]
+    x = np.where(mask, spec.to_normalised(np.asarray(x, np.float64)), 0.0)
+    return {points_key(spec.name, "t"): torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64)),
+            points_key(spec.name, "x"): torch.from_numpy(x.astype(np.float32)),
+            points_key(spec.name, "mask"): torch.from_numpy(mask.astype(np.float32))}
 
 
 @dataclass(frozen=True)
@@ -34,7 +56,8 @@ class ModalitySpec:
     """One modality: its kind, per-sample shape, curve grid and normalisation.
 
     ``shape`` is (C, H, W) for images and (L,) for curves. ``t`` is the curve's independent
-    variable in physical units (length L), ``None`` for images.
+    variable in physical units (length L), ``None`` for images. ``points`` > 0: every sample also
+    keeps up to that many measured points on its own grid (module docstring).
     """
 
     name: str
@@ -45,8 +68,12 @@ class ModalitySpec:
     scale: float = 1.0
     units: str = ""
     t_units: str = ""
+    points: int = 0
 
     def __post_init__(self):
+        if self.points < 0 or (self.points and self.kind != CURVE):
+            raise ValueError(f"modality {self.name!r}: per-sample points are for curves, count >= 0 "
+                             f"(got {self.kind} with {self.points})")
         if self.kind not in KINDS:
             raise ValueError(f"modality {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == CURVE and (self.t is None or len(self.t) != self.shape[-1]):
@@ -95,14 +122,15 @@ def spec_to_dict(spec: DatasetSpec) -> dict:
             "modalities": [{"name": m.name, "kind": m.kind, "shape": list(m.shape),
                             "t": None if m.t is None else np.asarray(m.t, dtype=np.float64).tolist(),
                             "offset": float(m.offset), "scale": float(m.scale), "units": m.units,
-                            "t_units": m.t_units} for m in spec.modalities]}
+                            "t_units": m.t_units, "points": int(m.points)} for m in spec.modalities]}
 
 
 def spec_from_dict(d: dict) -> DatasetSpec:
     """The inverse of :func:`spec_to_dict`."""
     mods = tuple(ModalitySpec(m["name"], m["kind"], tuple(m["shape"]),
                               None if m["t"] is None else np.asarray(m["t"], dtype=np.float64),
-                              m["offset"], m["scale"], m["units"], m["t_units"]) for m in d["modalities"])
+                              m["offset"], m["scale"], m["units"], m["t_units"], int(m.get("points", 0)))
+                 for m in d["modalities"])
     labels = d.get("label_names")
     return DatasetSpec(mods, None if labels is None else tuple(labels), dict(d.get("attrs") or {}))
 
@@ -186,6 +214,9 @@ class SplitReader:
         batch["label"] = (torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None
                           else torch.full((len(global_indices),), -1, dtype=torch.int64))
         batch["index"] = torch.from_numpy(np.asarray(global_indices, dtype=np.int64))
+        for m in self.spec.modalities:
+            if m.points:
+                batch.update(points_from_stored(m, *(arrays[f"points/{m.name}/{k}"] for k in ("t", "x", "length"))))
         return batch
 
     def iter_batches(self, batch_size: int, epoch: int = 0, seed: int = 0,
@@ -219,7 +250,9 @@ class ModalitySubset:
 
     def read_batch(self, global_indices: np.ndarray) -> dict[str, torch.Tensor]:
         batch = self._reader.read_batch(global_indices)
-        return {k: v for k, v in batch.items() if k in ("label", "index") or k in self.spec.names}
+        keep = set(self.spec.names) | {"label", "index"}
+        keep |= {points_key(m.name, p) for m in self.spec.modalities if m.points for p in POINT_PARTS}
+        return {k: v for k, v in batch.items() if k in keep}
 
     def iter_batches(self, batch_size: int, epoch: int = 0, seed: int = 0,
                      shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
@@ -228,10 +261,14 @@ class ModalitySubset:
 
 
 class InMemorySplit(SplitReader):
-    """A split held in memory as arrays (already normalised), sharded by contiguous rank blocks."""
+    """A split held in memory as arrays (already normalised), sharded by contiguous rank blocks.
+
+    ``points`` maps a curve modality with ``points > 0`` to its (t, x, length): padded (N, P)
+    grids and values in physical units and the valid length of each row.
+    """
 
     def __init__(self, spec: DatasetSpec, arrays: dict[str, np.ndarray], labels: np.ndarray | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, points: dict | None = None):
         n = {name: len(arrays[name]) for name in spec.names}
         if len(set(n.values())) != 1:
             raise ValueError(f"modalities have different sample counts: {n}")
@@ -248,6 +285,13 @@ class InMemorySplit(SplitReader):
         self.indices = np.arange(start, stop)
         self._arrays = {k: np.asarray(arrays[k], dtype=np.float32) for k in spec.names}
         self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        for m in spec.modalities:
+            if m.points and m.name not in (points or {}):
+                raise ValueError(f"modality {m.name!r} keeps per-sample points: pass points={{{m.name!r}: (t, x, length)}}")
+        for name, (t, x, length) in (points or {}).items():
+            self._arrays[f"points/{name}/t"] = np.asarray(t, np.float64)
+            self._arrays[f"points/{name}/x"] = np.asarray(x, np.float64)
+            self._arrays[f"points/{name}/length"] = np.asarray(length, np.int64)
 
     def _read(self, global_indices):
         out = {k: v[global_indices] for k, v in self._arrays.items()}

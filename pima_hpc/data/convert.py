@@ -21,6 +21,7 @@ import numpy as np
 from pima_hpc.data.base import CURVE, IMAGE
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.layout import HDF5_SUFFIXES
+from pima_hpc.data.points import check_points, pad_points, reference_grid, resample
 from pima_hpc.data.sources import ArrayImages, ImageSource, open_images, parse_grid, read_curves, read_labels
 from pima_hpc.data.splits import stratified_split
 from pima_hpc.data.storage import ModalityLayout, TruthField, check_array
@@ -85,6 +86,12 @@ def write_arrays(out, splits: dict[str, dict[str, np.ndarray]], *, t: dict | Non
     is an image if its array is (N, C, H, W) or (N, H, W), a curve if (N, L) - then ``t[name]``
     (length L) is required. ``normalisation[name]`` is "minmax" (default) or "zero-max".
 
+    A curve measured on per-sample grids is a dict ``{"t": grids, "x": values}`` (sequences of
+    1-D arrays, one pair per sample, any lengths; or padded (N, P) arrays plus ``"length"``). Its
+    points are kept as measured and the encoder's view is interpolated onto the reference grid
+    ``t[name]`` (default: the median length, equally spaced over the training split's range;
+    pima_hpc/data/points.py).
+
     Rows are stored in a random order (``shuffle``, from ``seed``): the chunk-aware epoch
     shuffle of the readers assumes stored order carries no information, and user arrays are
     often sorted (by class, by date). Each stored row keeps its position in the given split
@@ -93,10 +100,12 @@ def write_arrays(out, splits: dict[str, dict[str, np.ndarray]], *, t: dict | Non
     check_output(out, shard_size, overwrite)
     if not splits:
         raise DataError("no splits given; pass e.g. {'train': {...}, 'test': {...}}")
-    t, units, t_units, normalisation = t or {}, units or {}, t_units or {}, normalisation or {}
+    t, units, t_units, normalisation = dict(t or {}), units or {}, t_units or {}, normalisation or {}
     first_split = "train" if "train" in splits else next(iter(splits))
     first = splits[first_split]
     names = [k for k in first if k != "label"]
+    splits, measured = _per_sample_curves(splits, names, t)
+    first = splits[first_split]
     if len(names) < 2:
         raise DataError(f"split {first_split!r} has modalities {names}; PIMA needs at least 2 (e.g. image and curve)")
     layouts = []
@@ -113,7 +122,8 @@ def write_arrays(out, splits: dict[str, dict[str, np.ndarray]], *, t: dict | Non
             grid = check_array(np.asarray(t[n], dtype=np.float64), f"grid t of {n!r}", a.shape[1], (),
                                f"array {n!r}")
             layouts.append(ModalityLayout(n, CURVE, (a.shape[1],), t=grid, units=units.get(n, ""),
-                                          t_units=t_units.get(n, ""), normalisation=normalisation.get(n, "minmax")))
+                                          t_units=t_units.get(n, ""), normalisation=normalisation.get(n, "minmax"),
+                                          points=measured[n][first_split][0].shape[1] if n in measured else 0))
         else:
             raise DataError(f"array {n!r} has shape {a.shape}; expected images (N, C, H, W) or (N, H, W), or "
                             "curves (N, L)")
@@ -154,9 +164,41 @@ def write_arrays(out, splits: dict[str, dict[str, np.ndarray]], *, t: dict | Non
                 for lay in layouts:
                     x = np.asarray(arrays[lay.name])[rows]
                     blk[lay.name] = x[:, None] if (lay.kind == IMAGE and x.ndim == 3) else x
+                pts = {n: tuple(a[rows] for a in measured[n][s]) for n in measured}
                 w.write(s, blk, None if not has_labels else np.asarray(arrays["label"])[rows],
-                        {"source_index": src[rows]}, source=f"split {s!r}")
+                        {"source_index": src[rows]}, source=f"split {s!r}", points=pts)
     return Path(out)
+
+
+def _per_sample_curves(splits: dict, names: list[str], t: dict) -> tuple[dict, dict]:
+    """Curves given as {"t", "x"[, "length"]} per split -> the splits with each such curve replaced by its
+    view on the reference grid (t[name] is set to it), and {name: {split: (t, x, length)}} padded to one P."""
+    ragged = [n for n in names if isinstance(splits[next(iter(splits))][n], dict)]
+    measured: dict[str, dict] = {}
+    for n in ragged:
+        per = {}
+        for s, arrays in splits.items():
+            d = arrays.get(n)
+            if not isinstance(d, dict) or "t" not in d or "x" not in d:
+                raise DataError(f"split {s!r}: curve {n!r} is measured on per-sample grids in one split; give it "
+                                "as {'t': grids, 'x': values} in every split")
+            if "length" in d:
+                tp, xp = np.asarray(d["t"], np.float64), np.asarray(d["x"], np.float64)
+                per[s] = check_points(tp, xp, d["length"], len(tp), tp.shape[1] if tp.ndim == 2 else -1, n,
+                                      f"split {s!r}")
+            else:
+                tp, xp, lp = pad_points(d["t"], d["x"], f"split {s!r}, curve {n!r}")
+                per[s] = check_points(tp, xp, lp, len(tp), tp.shape[1], n, f"split {s!r}")
+        width = max(a[0].shape[1] for a in per.values())
+        for s, (tp, xp, lp) in per.items():  # one padded width P for every split
+            pad = width - tp.shape[1]
+            per[s] = (np.pad(tp, ((0, 0), (0, pad)), mode="edge"), np.pad(xp, ((0, 0), (0, pad)), mode="edge"), lp)
+        fit = per["train"] if "train" in per else next(iter(per.values()))
+        grid = np.asarray(t[n], np.float64) if n in t else reference_grid(fit[0], fit[2])
+        t[n] = grid
+        measured[n] = per
+        splits = {s: {**arrays, n: resample(*per[s], grid)} for s, arrays in splits.items()}
+    return splits, measured
 
 
 def random_splits(n: int, val_fraction: float, test_fraction: float, seed: int,

@@ -27,8 +27,9 @@ import numpy as np
 from pima_hpc.data.base import SplitReader, batch_loader, batch_sizes, rank_block
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.verify import verify_dataset
-from pima_hpc.data.layout import (LABEL, STORAGE_DTYPES, TRUTH_GROUP, UINT8_DIVISOR, DatasetInfo, check_part,
-                                  describe, list_splits, open_h5, read_rows, stored_bytes_per_sample)
+from pima_hpc.data.layout import (LABEL, POINTS_GROUP, STORAGE_DTYPES, TRUTH_GROUP, UINT8_DIVISOR, DatasetInfo,
+                                  check_part, describe, list_splits, open_h5, point_datasets, read_rows,
+                                  stored_bytes_per_sample)
 
 IN_MEMORY_LIMIT = 1 << 30          # "auto": load the rank's part if its stored size is below this
 SHUFFLE_WINDOW_BYTES = 32 << 20    # samples shuffled together; also the per-rank HDF5 chunk cache budget
@@ -161,9 +162,13 @@ class H5SplitReader(SplitReader):
     def in_memory(self) -> bool:
         return self._mem is not None
 
+    def _stored_names(self) -> list[str]:
+        """The datasets a batch reads: every modality, per-sample points where kept, labels."""
+        points = [p for m in self.spec.modalities if m.points for p in point_datasets(m.name)]
+        return list(self.spec.names) + points + ([LABEL] if self.has_labels else [])
+
     def _load(self):
-        names = list(self.spec.names) + ([LABEL] if self.has_labels else [])
-        self._mem = self._read_stored(self.indices, names)
+        self._mem = self._read_stored(self.indices, self._stored_names())
         self.close()
 
     # -- reading -------------------------------------------------------------------------------
@@ -171,7 +176,7 @@ class H5SplitReader(SplitReader):
     def _dataset_spec(self, name):
         if name == LABEL:
             return np.dtype(np.int64), ()
-        if name.startswith(TRUTH_GROUP + "/"):
+        if name.startswith((TRUTH_GROUP + "/", POINTS_GROUP + "/")):
             return None, ()
         m = self.spec[name]
         return STORAGE_DTYPES[self.info.storage[name]], tuple(m.shape)
@@ -215,7 +220,7 @@ class H5SplitReader(SplitReader):
             idx = idx[order]
         if len(idx) and (idx[0] < 0 or idx[-1] >= self.num_split):
             raise IndexError(f"indices outside split {self.split!r} of {self.num_split} samples")
-        names = list(self.spec.names) + ([LABEL] if self.has_labels else [])
+        names = self._stored_names()
         if self._mem is not None and len(idx) and idx[0] >= self.start and idx[-1] < self.stop:
             raw = {k: v[idx - self.start] for k, v in self._mem.items()}
         else:

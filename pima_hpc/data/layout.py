@@ -28,6 +28,14 @@ MANIFEST = "manifest.json"
 META_GROUP = "modalities"
 LABEL = "label"
 TRUTH_GROUP = "truth"
+# A curve's per-sample measured points (pima_hpc.data.base): <split>/points/<name>/{t, x, length}
+POINTS_GROUP = "points"
+POINT_DATASETS = {"t": np.dtype(np.float64), "x": np.dtype(np.float64), "length": np.dtype(np.int32)}
+
+
+def point_datasets(name: str) -> list[str]:
+    """The split-group paths of modality ``name``'s per-sample points."""
+    return [f"{POINTS_GROUP}/{name}/{k}" for k in POINT_DATASETS]
 
 # How stored values map to the normalised values a reader returns. "float32": stored values are
 # already normalised. "uint8": stored values are 8-bit codes and normalised = code / 255; only
@@ -140,6 +148,7 @@ def modality_meta_from_group(grp: h5py.Group) -> dict:
         "fit_split": str(a.get("fit_split", "train")),
         "description": str(a.get("description", "")),
         "compression": str(a.get("compression", "")),
+        "points": int(a.get("points", 0)),
     }
     if "t" in grp:
         meta["t"] = [float(v) for v in grp["t"][()]]
@@ -152,6 +161,7 @@ def write_modality_meta(grp: h5py.Group, meta: dict) -> None:
     grp.attrs["shape"] = np.asarray(meta["shape"], dtype=np.int64)
     grp.attrs["offset"] = float(meta["offset"])
     grp.attrs["scale"] = float(meta["scale"])
+    grp.attrs["points"] = int(meta.get("points", 0))
     if meta.get("t") is not None:
         if "t" in grp:
             del grp["t"]
@@ -165,7 +175,8 @@ def spec_from_meta(metas: list[dict], label_names, attrs: dict, where: Path) -> 
             mods.append(ModalitySpec(
                 name=m["name"], kind=m["kind"], shape=tuple(m["shape"]),
                 t=None if m.get("t") is None else np.asarray(m["t"], dtype=np.float64),
-                offset=m["offset"], scale=m["scale"], units=m.get("units", ""), t_units=m.get("t_units", "")))
+                offset=m["offset"], scale=m["scale"], units=m.get("units", ""), t_units=m.get("t_units", ""),
+                points=int(m.get("points", 0))))
         except (KeyError, ValueError) as exc:
             raise DataError(f"{where}: modality metadata {m.get('name')!r} is invalid ({exc}); "
                             f"{rebuild_hint(where)}") from None
@@ -259,6 +270,16 @@ def _check_split_group(g: h5py.Group, spec: DatasetSpec, storage: dict, where: P
             raise DataError(f"{where}: dataset {ds.name} has dtype {ds.dtype}, metadata says "
                             f"{storage[m.name]}; {rebuild_hint(where)}")
         counts[ds.name] = ds.shape[0]
+        for path in point_datasets(m.name) if m.points else ():
+            if path not in g:
+                raise DataError(f"{where}: modality {m.name!r} keeps per-sample points but {g.name}/{path} is "
+                                f"missing; {rebuild_hint(where)}")
+            pds, part = g[path], path.rsplit("/", 1)[1]
+            tail = () if part == "length" else (m.points,)
+            if tuple(pds.shape[1:]) != tail or pds.dtype != POINT_DATASETS[part]:
+                raise DataError(f"{where}: dataset {pds.name} is {pds.dtype} {tuple(pds.shape)}, expected "
+                                f"{POINT_DATASETS[part]} with rows of shape {tail}; {rebuild_hint(where)}")
+            counts[pds.name] = pds.shape[0]
     has_labels = LABEL in g
     if has_labels:
         counts[g[LABEL].name] = g[LABEL].shape[0]
@@ -366,7 +387,7 @@ def read_rows(ds: h5py.Dataset, a: int, b: int, where: Path, out: np.ndarray | N
 
 
 def stored_bytes_per_sample(info: DatasetInfo) -> int:
-    return int(sum(STORAGE_DTYPES[info.storage[m.name]].itemsize * int(np.prod(m.shape))
+    return int(sum(STORAGE_DTYPES[info.storage[m.name]].itemsize * int(np.prod(m.shape)) + 16 * m.points + 4
                    for m in info.spec.modalities))
 
 

@@ -37,7 +37,8 @@ class ModalityLayout:
     ``storage="uint8"`` stores 8-bit codes (images whose training split spans 0..255: lossless,
     4x smaller than float32); ``"float32"`` stores normalised floats. ``normalisation`` is
     ``"minmax"`` or ``"zero-max"`` (offset 0, used for stress so that a law through the origin
-    stays linear after normalisation).
+    stays linear after normalisation). ``points`` > 0: each sample also keeps up to that many
+    measured points on its own grid (pima_hpc/data/points.py).
     """
 
     name: str
@@ -49,9 +50,11 @@ class ModalityLayout:
     storage: str = "float32"
     normalisation: str = "minmax"
     description: str = ""
+    points: int = 0
 
     def __post_init__(self):
         assert self.kind in KINDS, self.kind
+        assert self.points >= 0 and (self.points == 0 or self.kind == CURVE)
         assert self.storage in STORAGE_DTYPES, self.storage
         assert self.normalisation in NORMALISATIONS, self.normalisation
         assert self.storage != "uint8" or self.normalisation == "minmax"
@@ -62,7 +65,7 @@ class ModalityLayout:
 
     @property
     def sample_bytes(self) -> int:
-        return STORAGE_DTYPES[self.storage].itemsize * int(np.prod(self.shape))
+        return STORAGE_DTYPES[self.storage].itemsize * int(np.prod(self.shape)) + 16 * self.points
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ import numpy as np
 from pima_hpc.data.base import batch_sizes
 from pima_hpc.data.errors import DataError
 from pima_hpc.data.finalise import finish_file, fit_normalisation, write_manifest
-from pima_hpc.data.layout import (FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, LABEL, META_GROUP, TRUTH_GROUP,
-                                  write_modality_meta)
+from pima_hpc.data.layout import (FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, LABEL, META_GROUP, POINT_DATASETS,
+                                  POINTS_GROUP, TRUTH_GROUP, write_modality_meta)
+from pima_hpc.data.points import check_points
 from pima_hpc.data.storage import (CHUNK_BYTES, COMPRESSION, ModalityLayout, TruthField, check_array, choose_codec,
                                    chunk_rows_for, codec_name, compression_kwargs)
 
@@ -157,7 +158,7 @@ class DatasetWriter:
         return {"name": m.name, "kind": m.kind, "shape": list(m.shape), "units": m.units, "t_units": m.t_units,
                 "offset": offset, "scale": scale, "normalisation": m.normalisation, "storage": m.storage,
                 "fit_split": self.fit_split, "description": m.description,
-                "compression": codec_name(self._codecs.get(m.name)),
+                "compression": codec_name(self._codecs.get(m.name)), "points": int(m.points),
                 "t": None if m.t is None else [float(v) for v in m.t]}
 
     def _init_split(self, f: h5py.File, st: _SplitState, rows: int):
@@ -200,8 +201,12 @@ class DatasetWriter:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def write(self, split: str, arrays: dict, labels=None, truth: dict | None = None, source: str = "input"):
-        """Append a block of samples (physical units) to ``split``; validate it first."""
+    def write(self, split: str, arrays: dict, labels=None, truth: dict | None = None, source: str = "input",
+              points: dict | None = None):
+        """Append a block of samples (physical units) to ``split``; validate it first.
+
+        ``points`` maps each modality declared with ``points > 0`` to its block's (t, x, length):
+        padded per-sample grids and values (physical units) and valid lengths."""
         assert not self._finalised
         if split not in self.splits:
             raise DataError(f"{source}: unknown split {split!r}; this dataset has {list(self.splits)}")
@@ -241,6 +246,12 @@ class DatasetWriter:
                 raise DataError(f"{source}: ground-truth field {tf.name!r} is missing")
             tru[tf.name] = check_array(truth[tf.name], f"truth {tf.name!r}", n, (), source)
         for m in self.modalities:
+            if m.points:
+                if points is None or m.name not in points:
+                    raise DataError(f"{source}: modality {m.name!r} keeps per-sample points; pass its (t, x, length)")
+                t, x, length = check_points(*points[m.name], n, m.points, m.name, source)
+                tru[f"{POINTS_GROUP}/{m.name}"] = {"t": t, "x": x, "length": length}
+        for m in self.modalities:
             if m.storage == "float32":
                 self._codec(m.name, block[m.name].astype(np.float32))
         if split == self.fit_split:
@@ -276,6 +287,11 @@ class DatasetWriter:
                 v = tru[tf.name].astype(tf.dtype)
                 ds = self._dataset(g, f"{TRUTH_GROUP}/{tf.name}", v, np.dtype(tf.dtype), (), tf.units, tf.description)
                 ds[local:local + take] = v[done:done + take]
+            for m in self.modalities:
+                for part, dtype in POINT_DATASETS.items() if m.points else ():
+                    v = tru[f"{POINTS_GROUP}/{m.name}"][part].astype(dtype)
+                    ds = self._dataset(g, f"{POINTS_GROUP}/{m.name}/{part}", v, dtype, v.shape[1:])
+                    ds[local:local + take] = v[done:done + take]
             done += take
         st.cursor += n
 

@@ -96,6 +96,18 @@ def expert_log_likelihood(x: torch.Tensor, expert_means: torch.Tensor, log_noise
     return -0.5 * (n * (LOG_2PI + log_noise_var) + sq * torch.exp(-log_noise_var))
 
 
+def masked_expert_log_likelihood(x: torch.Tensor, mask: torch.Tensor, expert_means: torch.Tensor,
+                                 log_noise_var: torch.Tensor) -> torch.Tensor:
+    """Eq 11 over each curve's own measured points: log N(x_d[M_d]; E(t_d; theta_c)[M_d], sigma_hat_c^2 I).
+
+    x and mask (B, P) (mask 1 on measured points), expert_means (B, C, P) on every sample's grid,
+    log_noise_var (C,) -> (B, C). A curve of n_d points contributes n_d terms, as on a shared grid.
+    """
+    sq = (mask.unsqueeze(1) * (x.unsqueeze(1) - expert_means) ** 2).sum(-1)
+    n = mask.sum(-1, keepdim=True)
+    return -0.5 * (n * (LOG_2PI + log_noise_var) + sq * torch.exp(-log_noise_var))
+
+
 def profiled_amplitude(x: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
     """a_dc = max(<x_d, m_c>, 0) / <m_c, m_c>, the best amplitude of each cluster's shape: (B, L), (C, L) -> (B, C).
 

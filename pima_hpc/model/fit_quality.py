@@ -17,12 +17,20 @@ POOR_MEDIAN_R2 = 0.9
 UNRANKED = ("free",)
 
 
-def per_sample_r2(expert, x: np.ndarray) -> np.ndarray:
-    """R^2 of each curve's own least-squares fit by ``expert``: (N, L) physical units -> (N,)."""
+def per_sample_r2(expert, x: np.ndarray, t: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+    """R^2 of each curve's own least-squares fit by ``expert``: (N, L) physical units -> (N,); with ``t`` and
+    ``mask`` (N, L) each curve on its own grid, over its measured points."""
     x = np.asarray(x, dtype=np.float64)
-    fit = expert.evaluate(expert.fit_samples(x))
-    sse = ((x - fit) ** 2).sum(1)
-    sst = ((x - x.mean(1, keepdims=True)) ** 2).sum(1)
+    if t is None:
+        fit, m = expert.evaluate(expert.fit_samples(x)), np.ones_like(x)
+    else:
+        from pima_hpc.model.rls import per_sample_fits
+        m = np.asarray(mask, np.float64)
+        theta = per_sample_fits(expert, x, t, m)
+        fit = np.take_along_axis(expert.evaluate_at(t, theta), np.arange(len(x))[:, None, None], 1)[:, 0]
+    sse = (m * (x - fit) ** 2).sum(1)
+    mean = (m * x).sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1.0)
+    sst = (m * (x - mean) ** 2).sum(1)
     return 1.0 - sse / np.maximum(sst, 1e-300)
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec
-from pima_hpc.model import elbo
+from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec, points_key
+from pima_hpc.model import elbo, rls
 from pima_hpc.model.experts import build_expert
 from pima_hpc.errors import ConfigError
 from pima_hpc.model.networks import CurveDecoder, ImageDecoder, build_classifier, build_encoder
@@ -77,6 +77,15 @@ class PIMA(nn.Module):
         self.experts = {name: build_expert(cfg.expert, spec[name].t, cfg.expert_amplitude, cfg.expert_options)
                         for name in self.curve_names}
         self.amplitude_free = cfg.expert_amplitude == "free"
+        # curves measured on per-sample grids: the experts score and fit their points alone
+        self.point_curves = [n for n in self.curve_names if spec[n].points]
+        if self.point_curves and self.amplitude_free:
+            raise ConfigError(f"config key 'model.expert_amplitude': curves {self.point_curves} have per-sample grids, "
+                              "where a free amplitude has no closed form; use model.expert_amplitude=fixed")
+        lacking = [n for n in self.point_curves if not self.experts[n].has_information_form]
+        if lacking:
+            raise ConfigError(f"config key 'model.expert': {cfg.expert!r} cannot fit curves {lacking} on their own "
+                              "grids (it has no candidate_designs); use a registered expert or add them")
         # eq 9: pi = softmax(free vector)
         self.pi_logits = nn.Parameter(torch.zeros(c))
         # eq 10: cluster means (EM, eq 16) and log-variances (Adam, or EM when enabled)
@@ -113,8 +122,18 @@ class PIMA(nn.Module):
         s = self.spec[name]
         return float(s.offset / s.scale)
 
-    def curve_log_likelihood(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """log p(X_s | c) of curve modality ``name`` for every cluster (eq 11; profiled over a free amplitude): (B, C)."""
+    def expert_curves_at(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """E(t_d; theta_c) on every sample's own grid t (B, P), normalised: (B, C, P)."""
+        e = self.experts[name].evaluate_at(t.detach().cpu().double().numpy(), self.theta(name))
+        return torch.as_tensor(self.spec[name].to_normalised(e), dtype=torch.float32, device=t.device)
+
+    def curve_log_likelihood(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(X_s | c) of curve modality ``name`` for every cluster (eq 11; profiled over a free amplitude;
+        over its measured points alone where it has per-sample grids): (B, C)."""
+        if name in self.point_curves:
+            x, t, mask = (batch[points_key(name, p)] for p in ("x", "t", "mask"))
+            return elbo.masked_expert_log_likelihood(x, mask, self.expert_curves_at(name, t), self.log_noise(name))
+        x = batch[name]
         if not self.amplitude_free:
             return elbo.expert_log_likelihood(x, self.expert_curves(name), self.log_noise(name))
         shift = self.curve_shift(name)
@@ -154,10 +173,19 @@ class PIMA(nn.Module):
     def solve_expert(self, name: str, stats: Mapping[str, np.ndarray], ridge: float, noise: str,
                      noise_floor: float) -> None:
         """Eq 17 for curve modality ``name`` from its gamma-weighted sums (s0, s1, s2; m2 with a free
-        amplitude), then sigma_hat_c from the weighted residuals when ``noise`` is "learned"."""
+        amplitude; the information (w, b, q, yy, n) of pima_hpc/model/rls.py for per-sample grids), then
+        sigma_hat_c from the weighted residuals when ``noise`` is "learned"."""
         spec = self.spec[name]
-        s0, s1, s2 = stats["s0"], stats["s1"], stats["s2"]
         prev_noise = self.log_noise(name).exp().double().cpu().numpy()
+        if "q" in stats:  # information in physical units; the noise is kept in normalised ones
+            theta = rls.solve_information(self.experts[name], stats, self.theta(name), ridge, shared_grid=False)
+            self.set_theta(name, theta)
+            s2 = spec.scale ** 2
+            var = rls.noise_variance(self.experts[name], stats, theta, prev_noise * s2, noise_floor ** 2 * s2) / s2
+            if noise == "learned":
+                self.log_noise(name).copy_(torch.as_tensor(np.log(var)))
+            return
+        s0, s1, s2 = stats["s0"], stats["s1"], stats["s2"]
         if self.amplitude_free:
             # statistics of x_n + offset/scale = x / scale: physical units are one factor away
             theta = self.experts[name].solve(s0, spec.scale * s1, self.theta(name), ridge,
@@ -197,7 +225,7 @@ class PIMA(nn.Module):
         names = self.curve_names if names is None else names
         joint = self.log_pi().detach().expand(len(batch[names[0]]), -1)
         for name in names:
-            joint = joint + self.curve_log_likelihood(name, batch[name])
+            joint = joint + self.curve_log_likelihood(name, batch)
         return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
     def image_log_posterior(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -230,7 +258,7 @@ class PIMA(nn.Module):
         with torch.no_grad():
             joint = self.log_pi() + elbo.expected_log_prior_z(mu, logvar, self.cluster_means, self.cluster_logvars)
             for name in self.curve_names:
-                joint = joint + self.curve_log_likelihood(name, batch[name])
+                joint = joint + self.curve_log_likelihood(name, batch)
             return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
@@ -261,7 +289,7 @@ class PIMA(nn.Module):
         for name in self.decoded_names:
             terms["recon"] = terms["recon"] + self.recon_log_likelihood(name, batch[name], means[name])
         for name in self.curve_names:
-            ll = self.curve_log_likelihood(name, batch[name])
+            ll = self.curve_log_likelihood(name, batch)
             terms["expert"] = terms["expert"] + (gamma * ll).sum(-1)
         terms["prior_z"] = (gamma * elbo.expected_log_prior_z(mu, logvar, self.cluster_means,
                                                                self.cluster_logvars)).sum(-1)

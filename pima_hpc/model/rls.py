@@ -92,6 +92,33 @@ class SyncedSums:
         return self.total[key]
 
 
+def information_shapes(expert: Expert, n_clusters: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the information of ``n_clusters`` clusters (module docstring)."""
+    k, _, p = expert.candidate_designs(expert.t).shape
+    c = n_clusters
+    shapes = {"w": (c,), "b": (c, k, p), "yy": (c,), "n": (c,)}
+    shapes["q" if expert.amplitude == "fixed" else "a2"] = (c, k, p, p)
+    return shapes
+
+
+def sample_information(expert: Expert, x: np.ndarray, t: np.ndarray | None = None,
+                       mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each curve's own information (as if it were a cluster of weight 1), fixed amplitude: x (B, L) in
+    physical units, ``t`` (B, L) its grid and ``mask`` (B, L) its valid points -> arrays with leading axis B."""
+    if expert.amplitude != "fixed":
+        raise ValueError("a free-amplitude expert needs every curve on the expert's grid (its profiled "
+                         "amplitude is a Rayleigh quotient only there); use model.expert_amplitude=fixed")
+    x = np.asarray(x, np.float64)
+    t = np.broadcast_to(expert.t, x.shape) if t is None else np.asarray(t, np.float64)
+    m = np.ones_like(x) if mask is None else np.asarray(mask, np.float64)
+    x = np.where(m > 0, x, 0.0)  # padding may hold anything
+    t = np.where(m > 0, t, expert.t[0])  # ... and any grid value: keep designs defined, the mask zeroes them
+    d = expert.candidate_designs(t)                                   # (B, K, L, p)
+    dm = d * m[:, None, :, None]
+    return {"w": np.ones(len(x)), "b": np.einsum("bkli,bl->bki", dm, x), "yy": (m * x ** 2).sum(1),
+            "n": m.sum(1), "q": np.einsum("bkli,bklj->bkij", dm, d)}
+
+
 def batch_information(expert: Expert, gamma: np.ndarray, x: np.ndarray, t: np.ndarray | None = None,
                       mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """One batch's information (module docstring): gamma (B, C), curves x (B, L) in physical units.
@@ -112,18 +139,48 @@ def batch_information(expert: Expert, gamma: np.ndarray, x: np.ndarray, t: np.nd
             z = np.einsum("kli,bl->bki", d, x)
             info["a2"] = np.einsum("bc,bki,bkj->ckij", gamma, z, z, optimize=True)
         return info
-    if expert.amplitude != "fixed":
-        raise ValueError("a free-amplitude expert needs every curve on the expert's grid (its profiled "
-                         "amplitude is a Rayleigh quotient only there); use model.expert_amplitude=fixed")
-    t = np.broadcast_to(expert.t, x.shape) if t is None else np.asarray(t, np.float64)
-    m = np.ones_like(x) if mask is None else np.asarray(mask, np.float64)
-    x = np.where(m > 0, x, 0.0)  # padding may hold anything
-    t = np.where(m > 0, t, expert.t[0])  # ... and any grid value: keep designs defined, the mask zeroes them
-    d = expert.candidate_designs(t)                                   # (B, K, L, p)
-    dm = d * m[:, None, :, None]
-    return {"w": gamma.sum(0), "b": np.einsum("bc,bkli,bl->cki", gamma, dm, x, optimize=True),
-            "yy": gamma.T @ (m * x ** 2).sum(1), "n": gamma.T @ m.sum(1),
-            "q": np.einsum("bc,bkli,bklj->ckij", gamma, dm, d, optimize=True)}
+    # information adds over samples: the gamma-weighted sum of each sample's own
+    return {k: np.tensordot(gamma, v, axes=(0, 0)) for k, v in sample_information(expert, x, t, mask).items()}
+
+
+def solve_information(expert: Expert, info: dict, theta_prev: np.ndarray, ridge: float = 0.0,
+                      shared_grid: bool = True) -> np.ndarray:
+    """theta (C, n_params) from information; clusters without weight keep ``theta_prev``. With per-sample
+    grids a piecewise law keeps its breakpoints on the expert's reference grid (class docstring)."""
+    theta = np.array(theta_prev, dtype=np.float64, copy=True)
+    has = info["w"] > 1e-12
+    if has.any():
+        theta[has] = expert.solve_information({k: v[has] for k, v in info.items()}, ridge, intervals=shared_grid)
+    return theta
+
+
+def residual_sum(expert: Expert, info: dict, theta: np.ndarray) -> np.ndarray:
+    """sum_d gamma_cd ||x_d - E(t_d; theta_c)||^2 over valid points (amplitude profiled out if free), (C,)."""
+    k, y = expert.linear_coordinates(theta)
+    rows = np.arange(len(theta))
+    b = info["b"][rows, k]
+    if "q" in info:
+        return info["yy"] - 2.0 * (y * b).sum(1) + np.einsum("ci,cij,cj->c", y, info["q"][rows, k], y)
+    d = expert.candidate_designs(expert.t)[k]
+    gram = np.einsum("cli,clj->cij", d, d)
+    quad = np.einsum("ci,cij,cj->c", y, info["a2"][rows, k], y)
+    return info["yy"] - quad / np.maximum(np.einsum("ci,cij,cj->c", y, gram, y), 1e-300)
+
+
+def noise_variance(expert: Expert, info: dict, theta: np.ndarray, prev: np.ndarray, floor_var: float) -> np.ndarray:
+    """sigma_hat_c^2 = residual sum / weighted point count (physical units), floored; clusters without
+    weight keep ``prev``."""
+    has = info["w"] > 1e-10
+    out = np.array(prev, dtype=np.float64, copy=True)
+    out[has] = np.maximum(residual_sum(expert, info, theta)[has] / info["n"][has], floor_var)
+    return out
+
+
+def per_sample_fits(expert: Expert, x: np.ndarray, t: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each curve's own least-squares parameters on its own grid (the per-sample grid version of
+    ``Expert.fit_samples``): (B, L) x3 -> (B, p)."""
+    info = sample_information(expert, x, t, mask)
+    return expert.solve_information(info, 0.0, intervals=False)
 
 
 class ExpertRLS:
@@ -139,11 +196,7 @@ class ExpertRLS:
                              "so it cannot be solved recursively")
         self.expert = expert
         self.shared_grid = shared_grid
-        k, _, p = expert.candidate_designs(expert.t).shape
-        c = n_clusters
-        shapes = {"w": (c,), "b": (c, k, p), "yy": (c,), "n": (c,)}
-        shapes["q" if expert.amplitude == "fixed" else "a2"] = (c, k, p, p)
-        self.sums = SyncedSums(shapes, forgetting)
+        self.sums = SyncedSums(information_shapes(expert, n_clusters), forgetting)
 
     def add(self, gamma: np.ndarray, x: np.ndarray, t: np.ndarray | None = None,
             mask: np.ndarray | None = None) -> None:
@@ -154,35 +207,13 @@ class ExpertRLS:
 
     def solve(self, theta_prev: np.ndarray, ridge: float = 0.0) -> np.ndarray:
         """theta (C, n_params) from the synced information; clusters without weight keep theta_prev."""
-        info = self.sums.total
-        theta = np.array(theta_prev, dtype=np.float64, copy=True)
-        has = info["w"] > 1e-12
-        if has.any():
-            theta[has] = self.expert.solve_information({k: v[has] for k, v in info.items()}, ridge,
-                                                       intervals=self.shared_grid)
-        return theta
+        return solve_information(self.expert, self.sums.total, theta_prev, ridge, self.shared_grid)
 
     def residual_sum(self, theta: np.ndarray) -> np.ndarray:
-        """sum_d gamma_cd ||x_d - E(t_d; theta_c)||^2 over valid points (amplitude profiled out if free), (C,)."""
-        info = self.sums.total
-        k, y = self.expert.linear_coordinates(theta)
-        rows = np.arange(len(theta))
-        b = info["b"][rows, k]
-        if "q" in info:
-            return info["yy"] - 2.0 * (y * b).sum(1) + np.einsum("ci,cij,cj->c", y, info["q"][rows, k], y)
-        d = self.expert.candidate_designs(self.expert.t)[k]
-        gram = np.einsum("cli,clj->cij", d, d)
-        quad = np.einsum("ci,cij,cj->c", y, info["a2"][rows, k], y)
-        return info["yy"] - quad / np.maximum(np.einsum("ci,cij,cj->c", y, gram, y), 1e-300)
+        return residual_sum(self.expert, self.sums.total, theta)
 
     def noise_variance(self, theta: np.ndarray, prev: np.ndarray, floor_var: float) -> np.ndarray:
-        """sigma_hat_c^2 = residual sum / weighted point count (physical units), floored; clusters
-        without weight keep ``prev``."""
-        info = self.sums.total
-        has = info["w"] > 1e-10
-        out = np.array(prev, dtype=np.float64, copy=True)
-        out[has] = np.maximum(self.residual_sum(theta)[has] / info["n"][has], floor_var)
-        return out
+        return noise_variance(self.expert, self.sums.total, theta, prev, floor_var)
 
     def covariance(self, theta: np.ndarray, noise_var: np.ndarray, ridge: float = 0.0) -> np.ndarray:
         """P_c = sigma_c^2 (Q_ck + ridge R)^-1 of the linear coefficients at each cluster's candidate

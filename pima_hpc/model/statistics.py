@@ -13,11 +13,14 @@ Per cluster c, with gamma_cd = p(c | z_d) and q(z_d|X_d) = N(mu_d, diag s_d^2):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 
-class StreamingStatistics:
-    """Named float64 accumulators: add batch contributions, reduce over workers, decay (RLS forgetting)."""
+class StreamingStatistics(Mapping):
+    """Named float64 accumulators: add batch contributions, reduce over workers, decay (RLS forgetting).
+    Read like a dict of arrays."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self.values = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
@@ -47,6 +50,12 @@ class StreamingStatistics:
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.values[key]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 def latent_statistics(gamma: np.ndarray, mu: np.ndarray, var: np.ndarray) -> dict[str, np.ndarray]:

@@ -14,15 +14,22 @@ import torch
 from sklearn.cluster import KMeans
 
 from pima_hpc.collective import allreduce_groups, gather_subsample
+from pima_hpc.data.base import points_key
 from pima_hpc.model.pima import PIMA
+from pima_hpc.model.rls import batch_information, information_shapes, per_sample_fits
 from pima_hpc.model.statistics import StreamingStatistics, curve_statistics, latent_statistics, m_step_weights
 from pima_hpc.runtime import to_device
 
 
 def new_curve_statistics(model: PIMA) -> dict[str, StreamingStatistics]:
+    """Per curve modality: the sums (S0, S1, S2[, M2]) on a shared grid, or the RLS information
+    (pima_hpc/model/rls.py) of curves on per-sample grids; both add across batches and workers."""
     c = model.cfg.n_clusters
     out = {}
     for name in model.curve_names:
+        if name in model.point_curves:
+            out[name] = StreamingStatistics(information_shapes(model.experts[name], c))
+            continue
         n = len(model.experts[name].t)
         shapes = {"s0": (c,), "s1": (c, n), "s2": (c,)}
         if model.amplitude_free:
@@ -34,10 +41,29 @@ def new_curve_statistics(model: PIMA) -> dict[str, StreamingStatistics]:
 def add_curve_batch(model: PIMA, curves: dict[str, StreamingStatistics], gamma: np.ndarray, batch: dict) -> None:
     """Add one batch's gamma-weighted curve statistics; a free amplitude needs them with a zero offset."""
     for name in model.curve_names:
+        if name in model.point_curves:
+            x, t, mask = measured_points(model, name, batch)
+            curves[name].add(**batch_information(model.experts[name], gamma, x, t, mask))
+            continue
         x = batch[name].double().cpu().numpy()
         if model.amplitude_free:
             x = x + model.curve_shift(name)
         curves[name].add(**curve_statistics(gamma, x, second_moment=model.amplitude_free))
+
+
+def measured_points(model: PIMA, name: str, batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A per-sample-grid curve's measured points: values (physical units), grids and masks, (B, P) float64."""
+    x, t, mask = (batch[points_key(name, p)].double().cpu().numpy() for p in ("x", "t", "mask"))
+    return model.spec[name].to_physical(x), t, mask
+
+
+def sample_fits(model: PIMA, name: str, batch: dict) -> np.ndarray:
+    """The expert fitted to each curve of the batch alone, in physical units (B, p): on its own grid where
+    the curve has one."""
+    expert = model.experts[name]
+    if name in model.point_curves:
+        return per_sample_fits(expert, *measured_points(model, name, batch))
+    return expert.fit_samples(model.spec[name].to_physical(batch[name].double().cpu().numpy()))
 
 
 def reduce_all(collective, groups: list[StreamingStatistics]) -> None:
@@ -107,8 +133,8 @@ def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, de
     names = model.curve_names
     fits = []
     for batch in reader.iter_batches(batch_size, shuffle=False):
-        fits.append(np.concatenate([model.experts[n].cluster_features(model.experts[n].fit_samples(
-            model.spec[n].to_physical(batch[n].double().numpy()))) for n in names], axis=1))
+        fits.append(np.concatenate([model.experts[n].cluster_features(sample_fits(model, n, batch))
+                                    for n in names], axis=1))
     fits = np.concatenate(fits)
     sample = gather_subsample(collective, fits, max_fit_samples)
     center, spread = sample.mean(0), sample.std(0) + 1e-12
@@ -128,7 +154,8 @@ def initialise_from_experts(model: PIMA, reader, batch_size: int, collective, de
     if model.cfg.expert_noise == "fixed":
         for n in names:
             model.log_noise(n).fill_(float(np.log(model.cfg.expert_noise_std ** 2)))
-    counts = curves[names[0]]["s0"]
+    first = curves[names[0]]
+    counts = first["w"] if "w" in first else first["s0"]  # cluster sizes: information or sums
     model.pi_logits.data.copy_(torch.as_tensor(np.log(m_step_weights(counts))))
     if model.cfg.cluster_init_layout == "physics":
         model.cluster_means.copy_(torch.as_tensor(anchors_from_centres(

@@ -101,8 +101,11 @@ class MultimodalStage(Stage):
         batch = reader.read_batch(reader.indices[take])
         out = {}
         for name in self.model.curve_names:
-            x = self.spec[name].to_physical(batch[name].double().numpy())
-            median = float(np.median(per_sample_r2(self.model.experts[name], x)))
+            if name in self.model.point_curves:
+                x, grid, mask = em.measured_points(self.model, name, batch)
+            else:
+                x, grid, mask = self.spec[name].to_physical(batch[name].double().numpy()), None, None
+            median = float(np.median(per_sample_r2(self.model.experts[name], x, grid, mask)))
             out[name] = median
             if self.run.is_root and median < POOR_MEDIAN_R2:
                 log.warning("model.expert=%s fits the curves of modality %r poorly (median per-sample R^2 %.3f on %d "

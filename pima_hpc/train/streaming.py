@@ -23,6 +23,7 @@ from pima_hpc.collective import allreduce_groups
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.rls import ExpertRLS, SyncedSums
 from pima_hpc.model.statistics import latent_statistics
+from pima_hpc.train.em import measured_points
 
 
 class TrainingPassStatistics:
@@ -30,7 +31,8 @@ class TrainingPassStatistics:
         c, l = model.cfg.n_clusters, model.cfg.latent_dim
         self.latent = SyncedSums({"n0": (c,), "n1": (c, l), "n2": (c, l), "count": ()})
         per_step = forgetting ** (1.0 / max(steps_per_epoch, 1)) if forgetting > 0 else 1.0
-        self.experts = {n: ExpertRLS(model.experts[n], c, per_step) for n in model.curve_names}
+        self.experts = {n: ExpertRLS(model.experts[n], c, per_step, shared_grid=n not in model.point_curves)
+                        for n in model.curve_names}
         self.restart_experts = forgetting == 0
         self.sync_steps = sync_steps
 
@@ -50,7 +52,10 @@ class TrainingPassStatistics:
         gamma = model.cluster_log_posterior(batch, mu, logvar, mu).exp().double().cpu().numpy()
         self.latent.step(latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy()))
         for name, rls in self.experts.items():
-            rls.add(gamma, model.spec[name].to_physical(batch[name].double().cpu().numpy()))
+            if name in model.point_curves:
+                rls.add(gamma, *measured_points(model, name, batch))
+            else:
+                rls.add(gamma, model.spec[name].to_physical(batch[name].double().cpu().numpy()))
 
     def due(self, step: int, steps: int) -> bool:
         """Is a mid-epoch sync due after step ``step`` (0-based) of ``steps``? (The epoch's end always syncs.)"""

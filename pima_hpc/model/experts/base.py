@@ -62,6 +62,15 @@ class Expert:
         """E(t; theta) for parameters (..., p) -> curves (..., L)."""
         raise NotImplementedError
 
+    def evaluate_at(self, t: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """E(t_d; theta_c) on per-sample grids: t (B, P), theta (C, p) -> (B, C, P).
+
+        From the information form: each cluster's candidate design on every sample's grid times its
+        linear coefficients. An expert with a closed form anywhere may override this.
+        """
+        k, y = self.linear_coordinates(theta)
+        return np.einsum("bcli,ci->bcl", self.candidate_designs(t)[:, k], y)
+
     def solve(self, s0: np.ndarray, s1: np.ndarray, theta_prev: np.ndarray, ridge: float = 0.0,
               m2: np.ndarray | None = None) -> np.ndarray:
         """Eq 17 for every cluster from (S0 (C,), S1 (C, L)[, M2 (C, L, L)]) in physical units -> theta (C, p).

@@ -78,6 +78,9 @@ class FreeCurve(LinearExpert):
     With a fixed amplitude eq 17 gives the gamma-weighted mean curve S1_c / S0_c; with a free
     amplitude, the top eigenvector of M2_c (the cluster's principal curve shape). For curves no
     registered law fits: an honest decoder whose noise then measures the spread around the mean.
+    On another grid (curves with their own grids) the curve is the linear interpolation of those
+    values (hat functions on the expert's grid, held at the end values outside it), so the
+    parameters stay values at the expert's grid points.
     """
 
     def __init__(self, t, amplitude="fixed"):
@@ -85,7 +88,17 @@ class FreeCurve(LinearExpert):
         self.param_names = tuple(f"x{i}" for i in range(len(self.t)))
 
     def design(self, t):
-        return np.eye(len(t))
+        t = np.asarray(t, dtype=np.float64)
+        if t.shape == self.t.shape and np.array_equal(t, self.t):
+            return np.eye(len(t))
+        ref = self.t
+        j = np.clip(np.searchsorted(ref, t, side="right") - 1, 0, len(ref) - 2)
+        frac = np.clip((t - ref[j]) / (ref[j + 1] - ref[j]), 0.0, 1.0)
+        phi = np.zeros((len(t), len(ref)))
+        rows = np.arange(len(t))
+        phi[rows, j] = 1.0 - frac
+        phi[rows, j + 1] += frac
+        return phi
 
 
 @register_expert("polynomial")
@@ -126,4 +139,5 @@ class BSplineCurve(LinearExpert):
 
     def design(self, t):
         from scipy.interpolate import BSpline
-        return BSpline.design_matrix(t, self.knot_vector, self.order).toarray()
+        # points of a per-sample grid may lie outside the expert's grid: the end polynomials continue
+        return BSpline.design_matrix(t, self.knot_vector, self.order, extrapolate=True).toarray()

@@ -47,6 +47,12 @@ class StrainHardening(Expert):
         e, eps_y, h = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
         return e * np.minimum(self.t, eps_y) + h * np.maximum(self.t - eps_y, 0.0)
 
+    def evaluate_at(self, t, theta):
+        theta = np.asarray(theta, dtype=np.float64)[None]                 # (1, C, 3)
+        t = np.asarray(t, dtype=np.float64)[:, None, :]                    # (B, 1, P)
+        e, eps_y, h = theta[..., 0:1], theta[..., 1:2], theta[..., 2:3]
+        return e * np.minimum(t, eps_y) + h * np.maximum(t - eps_y, 0.0)
+
     # ----- candidates --------------------------------------------------------------------------
     def _candidates(self):
         """Index sets of the problems to solve: grid points g and intervals [t_k, t_{k+1}]."""
