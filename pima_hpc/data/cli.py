@@ -44,7 +44,7 @@ def cmd_mnist(args) -> int:
 def cmd_lattice(args) -> int:
     from pima_hpc.data.lattice import LatticeConfig, build_lattice
     cfg = LatticeConfig(size=args.size, augment=args.augment, population=args.population,
-                        density_cv=args.density_cv)
+                        density_cv=args.density_cv, grids=args.grids)
     t0 = time.time()
     out = build_lattice(args.out, args.n, seed=args.seed, cfg=cfg, test_fraction=args.test_fraction,
                         shard_size=args.shard_size, workers=args.workers, progress=not args.quiet,
@@ -86,7 +86,8 @@ def summarise(path, verify: bool = True) -> dict:
                  "units": m.units, "normalisation": meta.get("normalisation"), "fit_split": meta.get("fit_split"),
                  "offset": m.offset, "scale": m.scale, "description": meta.get("description", "")}
         if m.t is not None:
-            entry.update(t_units=m.t_units, t_min=float(m.t[0]), t_max=float(m.t[-1]), points=len(m.t))
+            entry.update(t_units=m.t_units, t_min=float(m.t[0]), t_max=float(m.t[-1]), points=len(m.t),
+                         per_sample_points=int(m.points))
         out["modalities"].append(entry)
     for name, s in info.splits.items():
         entry = {"count": s.count, "chunk_rows": s.chunk_rows, "files": len(s.parts),
@@ -156,6 +157,9 @@ def cmd_info(args) -> int:
               f"units {m['units']!r}{grid}")
         print(f"             normalised ({m['normalisation']}, fitted on {m['fit_split']}): "
               f"x_norm = (x - {m['offset']:.6g}) / {m['scale']:.6g}")
+        if m.get("per_sample_points"):
+            print(f"             measured on per-sample grids (up to {m['per_sample_points']} points each); the "
+                  "grid above is the encoder's resampled view")
     print("  splits:")
     for name, sp in s["splits"].items():
         labels = ""
@@ -195,6 +199,9 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                         "spread: densities drawn over 0.10-0.30, a harder density-confounded set")
     p.add_argument("--density-cv", type=float, default=0.04,
                    help="log-normal print deviation of the density around its design (population design)")
+    p.add_argument("--grids", default="shared", choices=("shared", "per-sample"),
+                   help="shared: every test on one strain grid; per-sample: each test its own points and "
+                        "length (as real tests), the experts fit those points")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of specimens in the test split")
     p.add_argument("--workers", type=int, default=0, help="render in this many processes (same result)")
     _common(p)

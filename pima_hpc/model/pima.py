@@ -122,17 +122,24 @@ class PIMA(nn.Module):
         s = self.spec[name]
         return float(s.offset / s.scale)
 
-    def expert_curves_at(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def expert_curves_at(self, name: str, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """E(t_d; theta_c) on every sample's own grid t (B, P), normalised: (B, C, P)."""
         e = self.experts[name].evaluate_at(t.detach().cpu().double().numpy(), self.theta(name))
-        return torch.as_tensor(self.spec[name].to_normalised(e), dtype=torch.float32, device=t.device)
+        return torch.as_tensor(self.spec[name].to_normalised(e), dtype=dtype, device=t.device)
+
+    def measured_points(self, name: str, batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A per-sample-grid curve's measured points in a batch: values (physical units), grids and masks,
+        (B, P) float64 each."""
+        x, t, mask = (batch[points_key(name, p)].detach().double().cpu().numpy() for p in ("x", "t", "mask"))
+        return self.spec[name].to_physical(x), t, mask
 
     def curve_log_likelihood(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(X_s | c) of curve modality ``name`` for every cluster (eq 11; profiled over a free amplitude;
         over its measured points alone where it has per-sample grids): (B, C)."""
         if name in self.point_curves:
             x, t, mask = (batch[points_key(name, p)] for p in ("x", "t", "mask"))
-            return elbo.masked_expert_log_likelihood(x, mask, self.expert_curves_at(name, t), self.log_noise(name))
+            return elbo.masked_expert_log_likelihood(x, mask, self.expert_curves_at(name, t, x.dtype),
+                                                     self.log_noise(name))
         x = batch[name]
         if not self.amplitude_free:
             return elbo.expert_log_likelihood(x, self.expert_curves(name), self.log_noise(name))

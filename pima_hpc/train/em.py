@@ -14,7 +14,6 @@ import torch
 from sklearn.cluster import KMeans
 
 from pima_hpc.collective import allreduce_groups, gather_subsample
-from pima_hpc.data.base import points_key
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.rls import batch_information, information_shapes, per_sample_fits
 from pima_hpc.model.statistics import StreamingStatistics, curve_statistics, latent_statistics, m_step_weights
@@ -42,7 +41,7 @@ def add_curve_batch(model: PIMA, curves: dict[str, StreamingStatistics], gamma: 
     """Add one batch's gamma-weighted curve statistics; a free amplitude needs them with a zero offset."""
     for name in model.curve_names:
         if name in model.point_curves:
-            x, t, mask = measured_points(model, name, batch)
+            x, t, mask = model.measured_points(name, batch)
             curves[name].add(**batch_information(model.experts[name], gamma, x, t, mask))
             continue
         x = batch[name].double().cpu().numpy()
@@ -51,18 +50,12 @@ def add_curve_batch(model: PIMA, curves: dict[str, StreamingStatistics], gamma: 
         curves[name].add(**curve_statistics(gamma, x, second_moment=model.amplitude_free))
 
 
-def measured_points(model: PIMA, name: str, batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A per-sample-grid curve's measured points: values (physical units), grids and masks, (B, P) float64."""
-    x, t, mask = (batch[points_key(name, p)].double().cpu().numpy() for p in ("x", "t", "mask"))
-    return model.spec[name].to_physical(x), t, mask
-
-
 def sample_fits(model: PIMA, name: str, batch: dict) -> np.ndarray:
     """The expert fitted to each curve of the batch alone, in physical units (B, p): on its own grid where
     the curve has one."""
     expert = model.experts[name]
     if name in model.point_curves:
-        return per_sample_fits(expert, *measured_points(model, name, batch))
+        return per_sample_fits(expert, *model.measured_points(name, batch))
     return expert.fit_samples(model.spec[name].to_physical(batch[name].double().cpu().numpy()))
 
 

@@ -102,7 +102,7 @@ class MultimodalStage(Stage):
         out = {}
         for name in self.model.curve_names:
             if name in self.model.point_curves:
-                x, grid, mask = em.measured_points(self.model, name, batch)
+                x, grid, mask = self.model.measured_points(name, batch)
             else:
                 x, grid, mask = self.spec[name].to_physical(batch[name].double().numpy()), None, None
             median = float(np.median(per_sample_r2(self.model.experts[name], x, grid, mask)))

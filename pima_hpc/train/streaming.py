@@ -23,7 +23,6 @@ from pima_hpc.collective import allreduce_groups
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.rls import ExpertRLS, SyncedSums
 from pima_hpc.model.statistics import latent_statistics
-from pima_hpc.train.em import measured_points
 
 
 class TrainingPassStatistics:
@@ -53,7 +52,7 @@ class TrainingPassStatistics:
         self.latent.step(latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy()))
         for name, rls in self.experts.items():
             if name in model.point_curves:
-                rls.add(gamma, *measured_points(model, name, batch))
+                rls.add(gamma, *model.measured_points(name, batch))
             else:
                 rls.add(gamma, model.spec[name].to_physical(batch[name].double().cpu().numpy()))
 

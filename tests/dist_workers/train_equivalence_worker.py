@@ -45,7 +45,21 @@ EMULATED_WORLD = 2  # ghost BatchNorm splits every training batch like 2 ranks d
 _current = {"index": None}
 
 
-def _split_factory():
+def per_sample_points(labels: np.ndarray, first_index: int, t_scale: float, x_spec) -> tuple:
+    """Each digit's curve as 2 c t + eps on its own grid (8-20 uneven points of [0, 1], seeded by the sample's
+    index): the (t, x, length) of a per-sample-grid curve, physical units, padded to 20. The slope is twice the
+    encoder view's, so experts fitted to the points (and not to the view) are told apart by their slopes."""
+    t, x, n = np.zeros((len(labels), 20)), np.zeros((len(labels), 20)), np.zeros(len(labels), np.int64)
+    for i, c in enumerate(labels):
+        rng = np.random.default_rng([first_index + i, 3])
+        n[i] = rng.integers(8, 21)
+        t[i, :n[i]] = np.sort(rng.uniform(0.0, t_scale, n[i]))
+        x[i, :n[i]] = 2.0 * c * t[i, :n[i]] + 0.01 * rng.standard_normal(n[i])
+        t[i, n[i]:], x[i, n[i]:] = t[i, n[i] - 1], x[i, n[i] - 1]
+    return t, x, n
+
+
+def _split_factory(per_sample_grids: bool = False):
     from pima_hpc.data.base import InMemorySplit, batch_sizes
     from pima_hpc.data.digits import build_digits
 
@@ -68,17 +82,24 @@ def _split_factory():
         def read_batch(self, global_indices):
             _current["index"] = torch.as_tensor(np.asarray(global_indices), dtype=torch.int64)
             batch = super().read_batch(global_indices)
-            # float64 runs: the data in the networks' dtype (the library reads float32).
-            return {k: v.to(torch.get_default_dtype()) if v.is_floating_point() else v for k, v in batch.items()}
+            # float64 runs: the data in the networks' dtype (the library reads float32; grids stay float64).
+            return {k: v.to(torch.get_default_dtype()) if v.is_floating_point() and not k.endswith("@t") else v
+                    for k, v in batch.items()}
 
     spec, arrays = build_digits()
     sizes = {"train": N_TRAIN, "val": N_EVAL, "test": N_EVAL}
+    if per_sample_grids:  # the same digits, their curves measured on per-sample grids
+        import dataclasses
+        curve = dataclasses.replace(spec["curve"], points=20)
+        spec = dataclasses.replace(spec, modalities=(spec["image"], curve))
 
     def open_split(cfg, split, rank=0, world_size=1):
         a = arrays[split]
         n = sizes[split]
+        points = ({"curve": per_sample_points(a["label"][:n], {"train": 0, "val": 10**4, "test": 2 * 10**4}[split],
+                                              1.0, spec["curve"])} if per_sample_grids else None)
         return GlobalBatchSplit(spec, {"image": a["image"][:n], "curve": a["curve"][:n]}, a["label"][:n],
-                                rank, world_size)
+                                rank, world_size, points=points)
 
     return open_split
 
@@ -165,6 +186,7 @@ def main() -> int:
     p.add_argument("--bn", nargs="+", choices=("ddp", "ghost", "plain"), default=["ddp"],
                    help="BatchNorm variant(s), trained one after the other in this process (tag-<bn>)")
     p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64"])
+    p.add_argument("--per-sample-grids", action="store_true", help="the curves on per-sample grids")
     p.add_argument("overrides", nargs="*", help="extra config overrides (after --)")
     args = p.parse_args()
     out = Path(args.out)
@@ -172,7 +194,7 @@ def main() -> int:
     from pima_hpc.train import run as run_module
     from pima_hpc.train import trainer as trainer_module
 
-    trainer_module.open_run_split = _split_factory()
+    trainer_module.open_run_split = _split_factory(args.per_sample_grids)
     base = config(out, args.batch_size, args.overrides)
     _patch_noise(base.model.latent_dim)
     ctx = run_module.make_context(base)

@@ -13,6 +13,7 @@ from pima_hpc.data.errors import DataError
 from pima_hpc.data.lattice.config import TOPOLOGIES, LatticeConfig
 from pima_hpc.data.lattice.mechanics import E_SOLID, SCALING, SIGMA_Y_SOLID
 from pima_hpc.data.lattice.specimens import generate_specimen
+from pima_hpc.data.points import pad_points
 from pima_hpc.data.storage import ModalityLayout, TruthField
 from pima_hpc.data.writer import DatasetWriter, default_provenance
 
@@ -36,7 +37,7 @@ def _generate_block(args) -> list[dict]:
     return [generate_specimen(seed, i, cfg) for i in range(start, stop)]
 
 
-def _rows(specimens: list[dict], first_index: int, cfg: LatticeConfig) -> tuple[dict, np.ndarray, dict]:
+def _rows(specimens: list[dict], first_index: int, cfg: LatticeConfig) -> tuple[dict, np.ndarray, dict, dict]:
     v = cfg.views
     images = np.concatenate([s["images"] for s in specimens])
     curves = np.repeat(np.stack([s["curve"] for s in specimens]), v, axis=0)
@@ -54,7 +55,13 @@ def _rows(specimens: list[dict], first_index: int, cfg: LatticeConfig) -> tuple[
         "specimen": np.repeat(np.arange(first_index, first_index + len(specimens)), v),
         "view": np.tile(np.arange(v), len(specimens)),
     }
-    return {"image": images, "curve": curves}, labels, truth
+    points = {}
+    if cfg.grids == "per-sample":  # padded to cfg.points, every view with its specimen's test
+        t, x, length = pad_points(*zip(*(s["points"] for s in specimens)))
+        pad = cfg.points - t.shape[1]
+        t, x = (np.repeat(np.pad(a, ((0, 0), (0, pad)), mode="edge"), v, axis=0) for a in (t, x))
+        points["curve"] = (t, x, np.repeat(length, v))
+    return {"image": images, "curve": curves}, labels, truth, points
 
 
 def build_lattice(out, n: int = 91, *, seed: int = 0, cfg: LatticeConfig | None = None,
@@ -81,7 +88,7 @@ def build_lattice(out, n: int = 91, *, seed: int = 0, cfg: LatticeConfig | None 
         ModalityLayout("image", "image", (1, cfg.size, cfg.size), units="gray level (8-bit)", storage="uint8",
                        description="top-view photograph of the lattice, contrast-stretched 8-bit"),
         ModalityLayout("curve", "curve", (cfg.points,), t=cfg.strain, units="MPa", t_units="strain",
-                       normalisation="zero-max",
+                       normalisation="zero-max", points=cfg.points if cfg.grids == "per-sample" else 0,
                        description="compressive engineering stress vs strain; offset 0 keeps stress = E*strain linear"),
     ]
     cfg_dict = asdict(cfg)
@@ -95,13 +102,14 @@ def build_lattice(out, n: int = 91, *, seed: int = 0, cfg: LatticeConfig | None 
                        label_names=TOPOLOGIES, truth=TRUTH, provenance=prov, overwrite=overwrite) as w:
         bar = _progress(n, progress)
         for (_, start, _, _), specimens in _run_blocks(blocks, workers):
-            arrays, labels, truth = _rows(specimens, start, cfg)
+            arrays, labels, truth, points = _rows(specimens, start, cfg)
             # a block may straddle the train/test boundary
             cut = max(0, min(len(specimens), n_train - start)) * v
             for split, sl in (("train", slice(0, cut)), ("test", slice(cut, None))):
                 if sl.start != (sl.stop if sl.stop is not None else len(labels)):
                     w.write(split, {k: a[sl] for k, a in arrays.items()}, labels[sl],
-                            {k: a[sl] for k, a in truth.items()}, source=f"lattice specimens {start}..")
+                            {k: a[sl] for k, a in truth.items()}, source=f"lattice specimens {start}..",
+                            points={k: tuple(a[sl] for a in p) for k, p in points.items()})
             bar.update(len(specimens))
         bar.close()
     return Path(out)

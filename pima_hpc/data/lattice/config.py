@@ -27,7 +27,8 @@ class LatticeConfig:
     design_density: tuple = (0.20, 0.20)  # (gyroid, octet) design relative densities ("design")
     density_cv: float = 0.04         # log-normal print deviation of the density around the design
     density: tuple = (0.10, 0.30)    # target relative density range ("spread"; Gibson-Ashby regime rho < 0.3)
-    points: int = 100                # curve length
+    points: int = 100                # curve length (per-sample grids: the most points of one test)
+    grids: str = "shared"            # "shared": every test on one strain grid; "per-sample": each its own
     strain_max: float = 0.05
     curve_noise: float = 0.01        # std of the load noise / sigma_y
     scatter: float = 0.05            # log-normal specimen scatter of E, sigma_y, H
@@ -41,6 +42,8 @@ class LatticeConfig:
     read_noise: float = 0.01         # Gaussian read noise std
 
     def __post_init__(self):
+        if self.grids not in ("shared", "per-sample"):
+            raise DataError(f"--grids must be 'shared' or 'per-sample', got {self.grids!r}")
         if self.augment not in ("paper", "quadrants", "none"):
             raise DataError(f"--augment must be 'paper', 'quadrants' or 'none', got {self.augment!r}")
         if self.size < 16:
@@ -68,4 +71,12 @@ class LatticeConfig:
 
     @property
     def strain(self) -> np.ndarray:
+        """The shared strain grid (with per-sample grids: the reference grid the encoder's view is on)."""
         return np.linspace(0.0, self.strain_max, self.points)
+
+    def test_strains(self, rng) -> np.ndarray:
+        """One test's own strain points (``grids="per-sample"``): between half and all of ``points`` points,
+        unevenly spaced from 0 to where the test stopped (60-100 % of ``strain_max``)."""
+        n = int(rng.integers(self.points // 2, self.points + 1))
+        end = self.strain_max * rng.uniform(0.6, 1.0)
+        return np.concatenate([[0.0], np.sort(rng.uniform(0.0, end, n - 2)), [end]])

@@ -38,15 +38,17 @@ SCALING = {
 }
 
 
-def stress_strain(topology: int, rho: float, scatter: np.ndarray, cfg: LatticeConfig, rng):
-    """Compression curve (MPa) of a specimen of measured density ``rho``, and its true parameters.
+def stress_strain(topology: int, rho: float, scatter: np.ndarray, cfg: LatticeConfig, rng,
+                  eps: np.ndarray | None = None):
+    """Compression curve (MPa) of a specimen of measured density ``rho`` at strains ``eps`` (default: the
+    shared grid), and its true parameters.
 
     Linear strain hardening with Gibson-Ashby moduli (package docstring), log-normal specimen
     scatter, and Gaussian load noise of ``cfg.curve_noise * sigma_y``.
     """
     e, s, h = SCALING[topology].moduli(rho)
     e, s, h = e * math.exp(scatter[0]), s * math.exp(scatter[1]), h * math.exp(scatter[2])
-    eps = cfg.strain
+    eps = cfg.strain if eps is None else eps
     eps_y = s / e
     clean = np.where(eps <= eps_y, e * eps, s + h * (eps - eps_y))
     curve = clean + cfg.curve_noise * s * rng.standard_normal(eps.shape)

@@ -93,6 +93,13 @@ def generate_specimen(seed: int, index: int, cfg: LatticeConfig) -> dict:
     rho = measured_density(phi)
     photo = render_photo(phi, px, dz, p, cfg, rng)
     del phi
-    curve, params = stress_strain(p["topology"], rho, p["scatter"], cfg, rng)
-    return {"images": views(photo, cfg), "curve": curve, "topology": p["topology"], "relative_density": rho,
-            "target_density": p["target_density"], "cell_mm": p["cell_mm"], "porosity": p["porosity"], **params}
+    if cfg.grids == "per-sample":  # the test's own strain points; the encoder's view interpolated on cfg.strain
+        eps = cfg.test_strains(np.random.default_rng([seed, index, 2]))
+        measured, params = stress_strain(p["topology"], rho, p["scatter"], cfg, rng, eps)
+        curve, points = np.interp(cfg.strain, eps, measured), (eps, measured)
+    else:
+        curve, params = stress_strain(p["topology"], rho, p["scatter"], cfg, rng)
+        points = None
+    return {"images": views(photo, cfg), "curve": curve, "points": points, "topology": p["topology"],
+            "relative_density": rho, "target_density": p["target_density"], "cell_mm": p["cell_mm"],
+            "porosity": p["porosity"], **params}

@@ -7,6 +7,16 @@ import numpy as np
 from pima_hpc.model.experts.base import Expert, register_expert, top_eigenvectors
 
 
+def solve_with_empty_columns(q: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched Q y = b for small normal equations (..., p, p), (..., p). A coefficient with no data at all
+    (a zero row and column of Q, e.g. the hardening modulus of a yield point beyond a short test's last
+    strain, on per-sample grids) is set to 0; the others are then the least-squares solution."""
+    empty = np.diagonal(q, axis1=-2, axis2=-1) <= 0
+    if empty.any():
+        q = q + empty[..., None] * np.eye(q.shape[-1])
+    return np.linalg.solve(q, b[..., None])[..., 0]
+
+
 @register_expert("strain_hardening")
 class StrainHardening(Expert):
     """Linear strain hardening (Section 3.2; Jones 2009): elastic, then linear hardening.
@@ -118,10 +128,10 @@ class StrainHardening(Expert):
         q2 = np.einsum("gia,cgij,gjb->cgab", m, q[:, grid], m)
         b2 = np.einsum("gia,cgi->cga", m, b[:, grid])
         eps = np.broadcast_to(self.t[grid], q2.shape[:2])
-        y = np.linalg.solve(q2, b2[..., None])[..., 0]
+        y = solve_with_empty_columns(q2, b2)
         offer(-(b2 * y).sum(-1), y[..., 0], eps, y[..., 1], (y >= 0).all(-1))
         for i in (0, 1):  # one of E, H at zero
-            v = b2[..., i] / q2[..., i, i]
+            v = b2[..., i] / np.where(q2[..., i, i] > 0, q2[..., i, i], np.inf)
             e, h = (v, 0 * v) if i == 0 else (0 * v, v)
             offer(-b2[..., i] * v, e, eps, h, v >= 0)
         if not use_intervals:
@@ -129,13 +139,13 @@ class StrainHardening(Expert):
         # interval interiors and the faces H = 0 and E = 0 inside them
         lo, hi = self.t[intervals], self.t[intervals + 1]
         qk, bk = q[:, intervals], b[:, intervals]
-        y = np.linalg.solve(qk, bk[..., None])[..., 0]
+        y = solve_with_empty_columns(qk, bk)
         e, h, g = y[..., 0], y[..., 1], y[..., 2]
         eps = g / np.where(e - h == 0, np.nan, e - h)
         offer(-(bk * y).sum(-1), e, eps, h, (e >= 0) & (h >= 0) & (eps >= lo) & (eps <= hi))
         for keep, sign in (((0, 2), 1.0), ((1, 2), -1.0)):  # H = 0: curve alpha u + gamma v; E = 0
             sub = np.ix_(keep, keep)
-            y = np.linalg.solve(qk[..., sub[0], sub[1]], bk[..., keep][..., None])[..., 0]
+            y = solve_with_empty_columns(qk[..., sub[0], sub[1]], bk[..., keep])
             a, g = y[..., 0], y[..., 1]
             eps = sign * g / np.where(a == 0, np.nan, a)
             e, h = (a, 0 * a) if keep[0] == 0 else (0 * a, a)
