@@ -97,6 +97,9 @@ class ModelConfig:
     cluster_init_scale: float = 4.0
     # "spread": farthest points on a sphere; "physics": laid out like the clusters' expert fits.
     cluster_init_layout: str = "physics"
+    # The mixture prior's covariances (eq 10): "diag" (the paper: sigma_c^2 per axis) or "full" (one full
+    # covariance per cluster, set by EM only), for clusters that are elongated or tilted in latent space.
+    cluster_covariance: str = "diag"
 
     def __post_init__(self):
         _check(self.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {self.latent_dim}")
@@ -107,6 +110,7 @@ class ModelConfig:
                    f"must be a non-empty list of positive ints, got {list(ch)}")
         _choice(self.cluster_init_layout, "model.cluster_init_layout", ("spread", "physics"))
         _choice(self.cluster_posterior, "model.cluster_posterior", ("joint", "latent"))
+        _choice(self.cluster_covariance, "model.cluster_covariance", ("diag", "full"))
         _choice(self.expert_noise, "model.expert_noise", ("learned", "fixed"))
         _choice(self.image_noise, "model.image_noise", ("unit", "learned"))
         _check(self.image_noise_floor > 0, "model.image_noise_floor", "must be > 0")
@@ -313,6 +317,9 @@ class Config:
             _choice(s, "stages[]", ("multimodal", "crossmodal"))
         _choice(self.device, "device", ("auto", "cpu", "cuda"))
         _check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        if self.model.cluster_covariance == "full":  # full covariances have a closed form only
+            _check(self.train.em_variances and not self.train.tied_variances, "model.cluster_covariance",
+                   "full covariances are set by EM: keep train.em_variances=true and train.tied_variances=false")
 
 
 def _all_keys(schema, prefix="") -> list[str]:

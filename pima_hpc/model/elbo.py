@@ -52,6 +52,20 @@ def log_joint_clusters(z: torch.Tensor, log_pi: torch.Tensor, means: torch.Tenso
     return log_pi + log_normal_diag(z.unsqueeze(1), means, logvars)
 
 
+def log_normal_full(x: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
+    """log N(x; mu_c, Sigma_c) for every cluster, Sigma_c = L_c L_c^T: (B, l), (C, l), (C, l, l) -> (B, C)."""
+    diff = (x.unsqueeze(1) - means).unsqueeze(-1)                                   # (B, C, l, 1)
+    white = torch.linalg.solve_triangular(scale_tril.expand(diff.shape[0], -1, -1, -1), diff, upper=False)
+    log_det = 2.0 * torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)).sum(-1)  # (C,)
+    return -0.5 * (x.shape[-1] * LOG_2PI + log_det + (white ** 2).sum((-2, -1)))
+
+
+def log_joint_clusters_full(z: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor,
+                            scale_tril: torch.Tensor) -> torch.Tensor:
+    """log pi_c + log N(z; mu_c, Sigma_c) (eqs 9-10 with a full covariance per cluster): (B, l) -> (B, C)."""
+    return log_pi + log_normal_full(z, means, scale_tril)
+
+
 def log_responsibilities(z: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor,
                          logvars: torch.Tensor) -> torch.Tensor:
     """log gamma_c = log p(c|z) (eq 15), normalised by logsumexp (ERRATA 8).
@@ -72,6 +86,18 @@ def expected_log_prior_z(mu: torch.Tensor, logvar: torch.Tensor, means: torch.Te
     mu, logvar = mu.unsqueeze(1), logvar.unsqueeze(1)
     inv = torch.exp(-logvars)
     return -0.5 * (LOG_2PI + logvars + torch.exp(logvar) * inv + (mu - means) ** 2 * inv).sum(-1)
+
+
+def expected_log_prior_z_full(mu: torch.Tensor, logvar: torch.Tensor, means: torch.Tensor,
+                             scale_tril: torch.Tensor) -> torch.Tensor:
+    """E_q(z)[log N(z; mu_c, Sigma_c)] per cluster with a full covariance (Lemmas B.1-B.2): (B, C).
+
+    = log N(mu; mu_c, Sigma_c) - 1/2 tr(Sigma_c^-1 diag(s^2)), and tr(Sigma^-1 diag(s^2)) = sum_j (Sigma^-1)_jj s_j^2.
+    With a diagonal Sigma_c it is :func:`expected_log_prior_z`.
+    """
+    precision = torch.cholesky_inverse(scale_tril)                                   # (C, l, l)
+    trace = torch.exp(logvar) @ torch.diagonal(precision, dim1=-2, dim2=-1).T          # (B, C)
+    return log_normal_full(mu, means, scale_tril) - 0.5 * trace
 
 
 def expected_log_prior_c(gamma: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ from pima_hpc.model import elbo, rls
 from pima_hpc.model.experts import build_expert
 from pima_hpc.errors import ConfigError
 from pima_hpc.model.networks import CurveDecoder, ImageDecoder, build_classifier, build_encoder
-from pima_hpc.model.statistics import (expert_noise_variance, m_step_means, m_step_tied_variance, m_step_variances,
-                                       m_step_weights, profiled_noise_variance)
+from pima_hpc.model.statistics import (expert_noise_variance, m_step_full_covariances, m_step_means,
+                                       m_step_tied_variance, m_step_variances, m_step_weights,
+                                       profiled_noise_variance)
 
 if TYPE_CHECKING:  # the model reads its settings, it does not depend on the config module
     from pima_hpc.config import ModelConfig
@@ -91,6 +92,10 @@ class PIMA(nn.Module):
         # eq 10: cluster means (EM, eq 16) and log-variances (Adam, or EM when enabled)
         self.register_buffer("cluster_means", spread_points(c, l, cfg.cluster_init_scale))
         self.cluster_logvars = nn.Parameter(torch.zeros(c, l))
+        # model.cluster_covariance=full: Sigma_c = L_c L_c^T, set by EM (cluster_logvars then mirror its diagonal)
+        self.full_covariance = getattr(cfg, "cluster_covariance", "diag") == "full"
+        if self.full_covariance:
+            self.register_buffer("cluster_scale_tril", torch.eye(l).repeat(c, 1, 1))
         init_noise = float(np.log(cfg.expert_noise_std ** 2))
         for name in self.decoded_names:  # sigma^2 of eq 12: 1 (the paper) or set in closed form (image_noise: learned)
             self.register_buffer(f"log_recon_var_{name}", torch.zeros(()))
@@ -168,13 +173,39 @@ class PIMA(nn.Module):
         optionally variances (per cluster, or one tied value) and weights."""
         n0, n1, n2 = latent["n0"], latent["n1"], latent["n2"]
         self.cluster_means.copy_(torch.as_tensor(m_step_means(n0, n1, self.cluster_means.double().cpu().numpy())))
-        if variances and tied:
+        if self.full_covariance:  # always set by EM (the config checks em_variances)
+            self.set_covariances(m_step_full_covariances(n0, n1, latent["n2_full"], self.covariances()))
+        elif variances and tied:
             self.cluster_logvars.data.fill_(float(np.log(m_step_tied_variance(n0, n1, n2))))
         elif variances:
             var = m_step_variances(n0, n1, n2, self.cluster_logvars.detach().exp().double().cpu().numpy())
             self.cluster_logvars.data.copy_(torch.as_tensor(np.log(var)))
         if weights:
             self.pi_logits.data.copy_(torch.as_tensor(np.log(m_step_weights(n0))))
+
+    def covariances(self) -> np.ndarray:
+        """The clusters' covariances, (C, l, l) with full covariances, else their diagonals (C, l)."""
+        if self.full_covariance:
+            tril = self.cluster_scale_tril.double().cpu()
+            return (tril @ tril.transpose(-1, -2)).numpy()
+        return self.cluster_logvars.detach().exp().double().cpu().numpy()
+
+    @torch.no_grad()
+    def set_covariances(self, cov: np.ndarray) -> None:
+        """Set the clusters' covariances: (C, l, l) with full covariances (a diagonal (C, l) is accepted
+        there too), else (C, l); the log-variances always hold the diagonal."""
+        cov = np.asarray(cov, dtype=np.float64)
+        if self.full_covariance:
+            cov = cov if cov.ndim == 3 else np.einsum("ci,ij->cij", cov, np.eye(cov.shape[-1]))
+            self.cluster_scale_tril.copy_(torch.as_tensor(np.linalg.cholesky(cov)))
+            cov = np.diagonal(cov, axis1=1, axis2=2)
+        self.cluster_logvars.data.copy_(torch.as_tensor(np.log(cov)))
+
+    def expected_log_prior_z(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """E_q(z)[log p(z | c)] per cluster (Lemmas B.1-B.2), with the configured covariances: (B, C)."""
+        if self.full_covariance:
+            return elbo.expected_log_prior_z_full(mu, logvar, self.cluster_means, self.cluster_scale_tril)
+        return elbo.expected_log_prior_z(mu, logvar, self.cluster_means, self.cluster_logvars)
 
     @torch.no_grad()
     def solve_expert(self, name: str, stats: Mapping[str, np.ndarray], ridge: float, noise: str,
@@ -225,6 +256,9 @@ class PIMA(nn.Module):
 
     def log_responsibilities(self, z: torch.Tensor) -> torch.Tensor:
         """log gamma = log p(c | z) (eq 15, ERRATA 8)."""
+        if self.full_covariance:
+            joint = elbo.log_joint_clusters_full(z, self.log_pi(), self.cluster_means, self.cluster_scale_tril)
+            return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
         return elbo.log_responsibilities(z, self.log_pi(), self.cluster_means, self.cluster_logvars)
 
     def expert_log_posterior(self, batch: dict[str, torch.Tensor], names: list[str] | None = None) -> torch.Tensor:
@@ -263,7 +297,7 @@ class PIMA(nn.Module):
         if self.cfg.cluster_posterior == "latent":
             return self.log_responsibilities(z)
         with torch.no_grad():
-            joint = self.log_pi() + elbo.expected_log_prior_z(mu, logvar, self.cluster_means, self.cluster_logvars)
+            joint = self.log_pi() + self.expected_log_prior_z(mu, logvar)
             for name in self.curve_names:
                 joint = joint + self.curve_log_likelihood(name, batch)
             return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
@@ -298,8 +332,7 @@ class PIMA(nn.Module):
         for name in self.curve_names:
             ll = self.curve_log_likelihood(name, batch)
             terms["expert"] = terms["expert"] + (gamma * ll).sum(-1)
-        terms["prior_z"] = (gamma * elbo.expected_log_prior_z(mu, logvar, self.cluster_means,
-                                                               self.cluster_logvars)).sum(-1)
+        terms["prior_z"] = (gamma * self.expected_log_prior_z(mu, logvar)).sum(-1)
         terms["prior_c"] = elbo.expected_log_prior_c(gamma, log_pi)
         terms["entropy_z"] = elbo.entropy_q_z(logvar)
         terms["entropy_c"] = elbo.entropy_q_c(gamma, log_gamma)

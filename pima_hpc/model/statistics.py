@@ -58,9 +58,24 @@ class StreamingStatistics(Mapping):
         return len(self.values)
 
 
-def latent_statistics(gamma: np.ndarray, mu: np.ndarray, var: np.ndarray) -> dict[str, np.ndarray]:
-    """E-step sufficient statistics of one batch: gamma (B, C), mu and var (B, l), all float64."""
-    return {"n0": gamma.sum(0), "n1": gamma.T @ mu, "n2": gamma.T @ (mu ** 2 + var), "count": np.array(len(mu), float)}
+def latent_shapes(n_clusters: int, latent_dim: int, full: bool = False) -> dict[str, tuple[int, ...]]:
+    """Shapes of :func:`latent_statistics` (``full``: with the second-moment matrices of full covariances)."""
+    c, l = n_clusters, latent_dim
+    shapes = {"n0": (c,), "n1": (c, l), "n2": (c, l), "count": ()}
+    if full:
+        shapes["n2_full"] = (c, l, l)
+    return shapes
+
+
+def latent_statistics(gamma: np.ndarray, mu: np.ndarray, var: np.ndarray, full: bool = False) -> dict[str, np.ndarray]:
+    """E-step sufficient statistics of one batch: gamma (B, C), mu and var (B, l), all float64.
+
+    ``full`` adds N2full_c = sum_d gamma_cd (mu_d mu_d^T + diag s_d^2) (C, l, l) for full covariances."""
+    out = {"n0": gamma.sum(0), "n1": gamma.T @ mu, "n2": gamma.T @ (mu ** 2 + var), "count": np.array(len(mu), float)}
+    if full:
+        out["n2_full"] = np.einsum("bc,bi,bj->cij", gamma, mu, mu, optimize=True)
+        out["n2_full"][:, np.arange(mu.shape[1]), np.arange(mu.shape[1])] += gamma.T @ var
+    return out
 
 
 def curve_statistics(gamma: np.ndarray, x: np.ndarray, second_moment: bool = False) -> dict[str, np.ndarray]:
@@ -92,6 +107,19 @@ def m_step_variances(n0: np.ndarray, n1: np.ndarray, n2: np.ndarray, prev: np.nd
     out = np.array(prev, dtype=np.float64, copy=True)
     mean = n1[has] / n0[has, None]
     out[has] = np.maximum(n2[has] / n0[has, None] - mean ** 2, min_var)
+    return out
+
+
+def m_step_full_covariances(n0: np.ndarray, n1: np.ndarray, n2_full: np.ndarray, prev: np.ndarray,
+                            min_var: float = 1e-6) -> np.ndarray:
+    """ELBO-optimal full covariances Sigma_c = sum gamma ((mu - mu_c)(mu - mu_c)^T + diag s^2) / sum gamma,
+    with ``min_var`` added to the diagonal (as scikit-learn's reg_covar) so each stays positive definite;
+    a cluster with no weight keeps ``prev`` (C, l, l)."""
+    has = n0 > 1e-10
+    out = np.array(prev, dtype=np.float64, copy=True)
+    mean = n1[has] / n0[has, None]
+    cov = n2_full[has] / n0[has, None, None] - np.einsum("ci,cj->cij", mean, mean)
+    out[has] = 0.5 * (cov + np.swapaxes(cov, 1, 2)) + min_var * np.eye(n1.shape[1])
     return out
 
 

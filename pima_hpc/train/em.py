@@ -16,7 +16,8 @@ from sklearn.cluster import KMeans
 from pima_hpc.collective import allreduce_groups, gather_subsample
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.rls import batch_information, information_shapes, per_sample_fits
-from pima_hpc.model.statistics import StreamingStatistics, curve_statistics, latent_statistics, m_step_weights
+from pima_hpc.model.statistics import (StreamingStatistics, curve_statistics, latent_shapes, latent_statistics,
+                                       m_step_weights)
 from pima_hpc.runtime import to_device
 
 
@@ -77,7 +78,7 @@ def em_pass(model: PIMA, reader, batch_size: int, collective, device, curve_memo
     was_training = model.training
     model.eval()
     c, l = model.cfg.n_clusters, model.cfg.latent_dim
-    latent = StreamingStatistics({"n0": (c,), "n1": (c, l), "n2": (c, l), "count": ()})
+    latent = StreamingStatistics(latent_shapes(c, l, model.full_covariance))
     curves = new_curve_statistics(model)
     for batch in reader.iter_batches(batch_size, shuffle=False):
         batch = to_device(batch, device)
@@ -85,7 +86,8 @@ def em_pass(model: PIMA, reader, batch_size: int, collective, device, curve_memo
         # The same q(c) the ELBO uses, evaluated at z = mu so the pass is deterministic (ERRATA 8).
         log_q = model.cluster_log_posterior(batch, mu, logvar, mu)
         gamma = log_q.exp().double().cpu().numpy()
-        latent.add(**latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy()))
+        latent.add(**latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy(),
+                                       model.full_covariance))
         add_curve_batch(model, curves, gamma, batch)
     reduce_all(collective, [latent] + [curves[n] for n in model.curve_names])
     if curve_memory and forgetting > 0:

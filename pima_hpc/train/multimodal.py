@@ -240,7 +240,7 @@ class MultimodalStage(Stage):
         if self.state.warm and epoch < t.warmup_epochs:
             return
         anchors = {k: v.detach().clone() for k, v in self.model.state_dict().items()
-                   if k in ("cluster_means", "cluster_logvars", "pi_logits")}
+                   if k in ("cluster_means", "cluster_logvars", "cluster_scale_tril", "pi_logits")}
         self.model.m_step(latent, t.em_variances, t.em_weights, t.tied_variances)
         if self.state.warm:
             agreement = em.agreement(self.model, self.train_data, self.eval_batch, self.collective, self.device)

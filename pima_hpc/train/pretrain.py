@@ -152,27 +152,37 @@ def umap_mixture(sample: np.ndarray, n_clusters: int, seed: int, neighbors: int)
         return gmm.predict_proba(emb)
 
 
-def mixture_from_responsibilities(sample: np.ndarray, resp: np.ndarray, reg: float = 1e-4) -> dict:
-    """Diagonal Gaussian mixture moments (weights, means, variances) of ``sample`` under ``resp`` (an M-step)."""
+def mixture_from_responsibilities(sample: np.ndarray, resp: np.ndarray, reg: float = 1e-4, full: bool = False) -> dict:
+    """Gaussian mixture moments (weights, means, covariances) of ``sample`` under ``resp`` (an M-step):
+    diagonal variances (K, l), or with ``full`` full covariances (K, l, l); ``reg`` is added to the diagonal."""
     n = resp.sum(0) + 1e-12
     means = resp.T @ sample / n[:, None]
+    if full:
+        cov = np.einsum("nk,ni,nj->kij", resp, sample, sample, optimize=True) / n[:, None, None]
+        cov = cov - np.einsum("ki,kj->kij", means, means) + reg * np.eye(sample.shape[1])
+        return {"weights": n / n.sum(), "means": means, "covariances": 0.5 * (cov + np.swapaxes(cov, 1, 2))}
     var = resp.T @ sample ** 2 / n[:, None] - means ** 2
     return {"weights": n / n.sum(), "means": means, "covariances": np.maximum(var, 0.0) + reg}
 
 
 def mean_log_likelihood(sample: np.ndarray, fit: dict) -> float:
-    """Mean log-density of ``sample`` under the diagonal mixture ``fit`` (what GaussianMixture.score reports)."""
-    var = fit["covariances"]
-    log_dens = -0.5 * (((sample[:, None, :] - fit["means"]) ** 2 / var).sum(-1) + np.log(2 * np.pi * var).sum(-1))
+    """Mean log-density of ``sample`` under the mixture ``fit``, diagonal or full (what GaussianMixture.score
+    reports)."""
+    cov = fit["covariances"]
+    if cov.ndim == 3:
+        from scipy.stats import multivariate_normal
+        log_dens = np.stack([multivariate_normal(m, c).logpdf(sample) for m, c in zip(fit["means"], cov)], axis=1)
+    else:
+        log_dens = -0.5 * (((sample[:, None, :] - fit["means"]) ** 2 / cov).sum(-1) + np.log(2 * np.pi * cov).sum(-1))
     return float(logsumexp(log_dens + np.log(fit["weights"]), axis=1).mean())
 
 
 @torch.no_grad()
 def fit_latent_mixture(model, reader, batch_size: int, collective, device, seed: int,
                        max_rows: int = 20000, embedding: str = "none", neighbors: int = 30) -> dict:
-    """Set the mixture prior (means, log-variances, weights) from a Gaussian mixture of the fused means.
+    """Set the mixture prior (means, covariances, weights) from a Gaussian mixture of the fused means.
 
-    ``embedding="none"``: a diagonal GaussianMixture on the codes. ``"umap"``: the clusters are found in a
+    ``embedding="none"``: a GaussianMixture on the codes (diagonal or full, as ``model.cluster_covariance``). ``"umap"``: the clusters are found in a
     UMAP embedding of the codes (:func:`umap_mixture`), and the prior is their moments in the code space
     (:func:`mixture_from_responsibilities`). Rank 0 fits and broadcasts, so every rank holds the identical
     mixture.
@@ -181,17 +191,21 @@ def fit_latent_mixture(model, reader, batch_size: int, collective, device, seed:
     fit = None
     if collective.is_root:
         if embedding == "umap":
-            fit = mixture_from_responsibilities(sample, umap_mixture(sample, model.cfg.n_clusters, seed, neighbors))
+            fit = mixture_from_responsibilities(sample, umap_mixture(sample, model.cfg.n_clusters, seed, neighbors),
+                                                full=model.full_covariance)
             fit["mean_log_likelihood"], fit["converged"] = mean_log_likelihood(sample, fit), True
         else:
-            gmm = GaussianMixture(n_components=model.cfg.n_clusters, covariance_type="diag",
+            gmm = GaussianMixture(n_components=model.cfg.n_clusters,
+                                  covariance_type="full" if model.full_covariance else "diag",
                                   init_params="k-means++", n_init=3, reg_covar=1e-4, random_state=seed).fit(sample)
             fit = {"weights": gmm.weights_, "means": gmm.means_, "covariances": gmm.covariances_,
                    "mean_log_likelihood": float(gmm.score(sample)), "converged": bool(gmm.converged_)}
     fit = collective.broadcast_object(fit)
-    start_encoder_variances(model, SAMPLE_VARIANCE_SHARE * fit["covariances"].mean(0))
+    cov = np.asarray(fit["covariances"])
+    per_axis = np.diagonal(cov, axis1=1, axis2=2) if cov.ndim == 3 else cov
+    start_encoder_variances(model, SAMPLE_VARIANCE_SHARE * per_axis.mean(0))
     model.cluster_means.copy_(torch.as_tensor(fit["means"], dtype=model.cluster_means.dtype))
-    model.cluster_logvars.data.copy_(torch.as_tensor(np.log(fit["covariances"]), dtype=model.cluster_logvars.dtype))
+    model.set_covariances(cov)
     model.pi_logits.data.copy_(torch.as_tensor(np.log(fit["weights"]), dtype=model.pi_logits.dtype))
     return {"gmm_mean_log_likelihood": fit["mean_log_likelihood"], "gmm_converged": fit["converged"],
             "gmm_samples": int(len(sample)), "cluster_weights": np.asarray(fit["weights"]).tolist(),

@@ -22,13 +22,13 @@ import torch
 from pima_hpc.collective import allreduce_groups
 from pima_hpc.model.pima import PIMA
 from pima_hpc.model.rls import ExpertRLS, SyncedSums
-from pima_hpc.model.statistics import latent_statistics
+from pima_hpc.model.statistics import latent_shapes, latent_statistics
 
 
 class TrainingPassStatistics:
     def __init__(self, model: PIMA, steps_per_epoch: int, forgetting: float = 0.0, sync_steps: int = 0):
         c, l = model.cfg.n_clusters, model.cfg.latent_dim
-        self.latent = SyncedSums({"n0": (c,), "n1": (c, l), "n2": (c, l), "count": ()})
+        self.latent = SyncedSums(latent_shapes(c, l, model.full_covariance))
         per_step = forgetting ** (1.0 / max(steps_per_epoch, 1)) if forgetting > 0 else 1.0
         self.experts = {n: ExpertRLS(model.experts[n], c, per_step, shared_grid=n not in model.point_curves)
                         for n in model.curve_names}
@@ -49,7 +49,8 @@ class TrainingPassStatistics:
         """One training step's contribution, from the forward pass's posterior (mu, logvar)."""
         mu, logvar = mu.detach(), logvar.detach()
         gamma = model.cluster_log_posterior(batch, mu, logvar, mu).exp().double().cpu().numpy()
-        self.latent.step(latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy()))
+        self.latent.step(latent_statistics(gamma, mu.double().cpu().numpy(), logvar.exp().double().cpu().numpy(),
+                                           model.full_covariance))
         for name, rls in self.experts.items():
             if name in model.point_curves:
                 rls.add(gamma, *model.measured_points(name, batch))
