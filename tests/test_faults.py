@@ -258,6 +258,28 @@ def test_sigterm_checkpoints_mid_epoch_exits_75_and_resumes_bitwise(tmp_path, re
     assert_bitwise_same_run(reference(), run)
 
 
+def test_sigterm_after_the_umap_start_resumes_bitwise(tmp_path):
+    """train.pretrain_embedding=umap: the uninterrupted run calls UMAP (numba) in the process that then trains;
+    a run stopped mid-epoch resumes in a fresh process that never calls it. Both end bit for bit the same, so
+    the UMAP step leaves no process-wide state (threads, floating-point modes) that changes training."""
+    extra = ("stages=[multimodal]", "train.init=pretrain", "train.pretrain_epochs=2", "train.pretrain_embedding=umap")
+    reference_run = tmp_path / "reference"
+    assert run_to_end(train_cmd(reference_run, *extra), tmp_path / "log-ref") == 0, tail(tmp_path / "log-ref")
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(train_cmd(run, *extra), log)
+    try:
+        wait_for(lambda: (latest(run) or "").startswith("ckpt-multimodal-e0001"), RUN_TIMEOUT, proc, log)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 75, tail(log)
+    finally:
+        kill_pids(proc.pid)
+    assert not latest(run).startswith("ckpt-done"), latest(run)
+    assert run_to_end(train_cmd(run, *extra), tmp_path / "log2") == 0, tail(tmp_path / "log2")
+    assert "resumed from" in (tmp_path / "log2").read_text()
+    assert_bitwise_same_run(reference_run, run)
+
+
 def test_second_signal_exits_at_once_and_a_duplicate_is_one_request(tmp_path):
     """A signal delivered twice within a second (process group + torchrun's relay) is one request;
     a later second signal exits at once with 128 + signum."""

@@ -4,7 +4,6 @@ reads labels, and a missing umap-learn is one config error before any training."
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import numpy as np
@@ -101,13 +100,12 @@ def test_umap_mixture_never_reads_labels(tmp_path, monkeypatch):
 
 
 def test_umap_missing_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
-    real_import = builtins.__import__
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
 
-    def no_umap(name, *args, **kwargs):
-        if name == "umap":
-            raise ImportError("No module named 'umap'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_umap)
+    def no_umap(name, *args, **kwargs):  # umap-learn uninstalled, as find_spec sees it
+        return None if name == "umap" else real_find_spec(name, *args, **kwargs)
+    monkeypatch.setattr(importlib.util, "find_spec", no_umap)
     with pytest.raises(ConfigError, match=r"train.pretrain_embedding.*pima-hpc\[umap\]"):
         umap_mixture(np.zeros((10, 2)), 2, 0, 5)
     with pytest.raises(ConfigError, match=r"train.pretrain_embedding.*pima-hpc\[umap\]"):  # before any training
