@@ -249,17 +249,15 @@ def test_two_ranks_pretrain_initialisation_equals_one_rank(tmp_path):
         assert first[1][key] == pytest.approx(first[0][key], rel=1e-6), key
 
 
-@needs_torchrun
-def test_two_ranks_streaming_statistics_equal_one_rank(tmp_path):
-    """train.statistics=streaming: latent sums and the experts' information gathered inside the DDP
-    steps, summed through the collective every 2 steps and at the epoch's end, leave 2 ranks where one
-    process with the same global batches ends (float64, ghost BatchNorm as above)."""
-    streaming = ["--", "train.statistics=streaming", "train.rls_sync_steps=2"]
+def two_ranks_against_one(tmp_path: Path, args: list) -> np.ndarray:
+    """The worker on one process (ghost BatchNorm) and on 2 ranks with the same global batches and ``args``:
+    every rank ends bitwise the same, 2 ranks where one process ends (float64 weights to 1e-6, the ELBO
+    history to 1e-8). Returns the one-process final state."""
     one, _ = launch([sys.executable, TRAIN_WORKER, "--out", tmp_path, "--tag", "one", "--batch-size", 32,
-                     "--bn", "ghost", *streaming])
+                     "--bn", "ghost", *args])
     assert one.returncode == 0, fail_message(one)
     two, _ = launch([TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN_WORKER, "--out", tmp_path,
-                     "--tag", "two", "--batch-size", 16, *streaming])
+                     "--tag", "two", "--batch-size", 16, *args])
     assert two.returncode == 0, fail_message(two)
     ghost, rank0, rank1 = (np.load(tmp_path / f"{tag}-float64-rank{r}.npz") for tag, r in
                            (("one-ghost", 0), ("two-ddp", 0), ("two-ddp", 1)))
@@ -270,6 +268,15 @@ def test_two_ranks_streaming_statistics_equal_one_rank(tmp_path):
     hist = {tag: _elbo_history(tmp_path / f"{tag}-float64-rank0.json") for tag in ("one-ghost", "two-ddp")}
     scale = np.maximum(np.abs(hist["one-ghost"]), 1e-3)
     assert np.max(np.abs(hist["two-ddp"] - hist["one-ghost"]) / scale) < 1e-8
+    return ghost
+
+
+@needs_torchrun
+def test_two_ranks_streaming_statistics_equal_one_rank(tmp_path):
+    """train.statistics=streaming: latent sums and the experts' information gathered inside the DDP
+    steps, summed through the collective every 2 steps and at the epoch's end, leave 2 ranks where one
+    process with the same global batches ends (float64, ghost BatchNorm as above)."""
+    two_ranks_against_one(tmp_path, ["--", "train.statistics=streaming", "train.rls_sync_steps=2"])
 
 
 @needs_torchrun
@@ -278,24 +285,10 @@ def test_two_ranks_on_per_sample_grids_equal_one_rank(tmp_path, statistics):
     """Curves on per-sample grids (each its own points and length): the experts' information from the exact
     pass, or from the training steps synced every 2 steps, summed through the collective, leaves 2 ranks where
     one process with the same global batches ends (float64, ghost BatchNorm as above)."""
-    over = ["--per-sample-grids", "--", f"train.statistics={statistics}", "train.rls_sync_steps=2"]
-    one, _ = launch([sys.executable, TRAIN_WORKER, "--out", tmp_path, "--tag", "one", "--batch-size", 32,
-                     "--bn", "ghost", *over])
-    assert one.returncode == 0, fail_message(one)
-    two, _ = launch([TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN_WORKER, "--out", tmp_path,
-                     "--tag", "two", "--batch-size", 16, *over])
-    assert two.returncode == 0, fail_message(two)
-    ghost, rank0, rank1 = (np.load(tmp_path / f"{tag}-float64-rank{r}.npz") for tag, r in
-                           (("one-ghost", 0), ("two-ddp", 0), ("two-ddp", 1)))
-    for k in rank0.files:
-        assert rank0[k].tobytes() == rank1[k].tobytes(), k
-    err, name = _max_relative(rank0, ghost)
-    assert err < 1e-6, (name, err)
+    ghost = two_ranks_against_one(tmp_path, ["--per-sample-grids", "--", f"train.statistics={statistics}",
+                                             "train.rls_sync_steps=2"])
     # the experts were fitted to the measured points (slope 2 c there, c in the encoder's view)
     assert np.abs(np.sort(ghost["theta_curve"][:, 0]) - 2.0 * np.arange(10)).max() < 0.5
-    hist = {tag: _elbo_history(tmp_path / f"{tag}-float64-rank0.json") for tag in ("one-ghost", "two-ddp")}
-    scale = np.maximum(np.abs(hist["one-ghost"]), 1e-3)
-    assert np.max(np.abs(hist["two-ddp"] - hist["one-ghost"]) / scale) < 1e-8
 
 
 # ----------------------------------------------------------------------------------------------- the CLI

@@ -15,11 +15,12 @@ from pima_hpc.model.experts import build_expert
 from pima_hpc.model.fit_quality import per_sample_r2
 
 
-@pytest.fixture(scope="module")
-def lattice(tmp_path_factory):
+@pytest.fixture(scope="module", params=["shared", "per-sample"])
+def lattice(tmp_path_factory, request):
+    """Generated lattices, each test on the shared strain grid or on its own (fitted on its measured points)."""
     from pima_hpc.data.lattice import LatticeConfig, build_lattice
-    return build_lattice(tmp_path_factory.mktemp("fit") / "l.h5", 16, seed=0, cfg=LatticeConfig(size=48),
-                         progress=False)
+    return build_lattice(tmp_path_factory.mktemp("fit") / "l.h5", 16, seed=0,
+                         cfg=LatticeConfig(size=48, grids=request.param), progress=False)
 
 
 def test_per_sample_r2_equals_scikit_learn():

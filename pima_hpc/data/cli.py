@@ -119,8 +119,13 @@ def cmd_fit_experts(args) -> int:
     report = {}
     for m in curves:
         x = m.to_physical(batch[m.name].double().numpy())
+        points = None
+        if m.points:  # per-sample grids: the measured points, not the encoder's resampled view
+            from pima_hpc.data.base import points_key
+            px, pt, pm = (batch[points_key(m.name, p)].double().numpy() for p in ("x", "t", "mask"))
+            points = (m.to_physical(px), pt, pm)
         try:
-            rows = fit_table(m.t, x, args.expert, options)
+            rows = fit_table(m.t, x, args.expert, options, points)
         except (ValueError, TypeError) as exc:
             raise DataError(f"--expert/--options: {exc}") from None
         pick = recommend(rows)

@@ -35,13 +35,14 @@ def per_sample_r2(expert, x: np.ndarray, t: np.ndarray | None = None, mask: np.n
 
 
 def fit_table(t: np.ndarray, x: np.ndarray, names: list[str] | None = None,
-              options: dict | None = None) -> list[dict]:
+              options: dict | None = None, points: tuple | None = None) -> list[dict]:
     """One row per expert (default: every registered one): median and 10th-percentile R^2, parameters;
-    best median first. ``options`` maps an expert name to its constructor keywords."""
+    best median first. ``options`` maps an expert name to its constructor keywords. ``points`` = (x, t,
+    mask) (N, P): curves on per-sample grids, fitted on their measured points (``x`` is then unused)."""
     rows = []
     for name in names or sorted(EXPERTS):
         expert = build_expert(name, t, options=(options or {}).get(name))
-        r2 = per_sample_r2(expert, x)
+        r2 = per_sample_r2(expert, x) if points is None else per_sample_r2(expert, *points)
         rows.append({"expert": name, "params": expert.n_params, "median_r2": float(np.median(r2)),
                      "p10_r2": float(np.quantile(r2, 0.1)), "ranked": name not in UNRANKED})
     rows.sort(key=lambda r: (not r["ranked"], -r["median_r2"], r["params"]))

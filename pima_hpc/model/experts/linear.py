@@ -42,7 +42,10 @@ class LinearExpert(Expert):
         if "q" in info:
             # Normal equations A_c = Q_c (+ ridge), b_c; p is tiny, so a batched dense solve is exact and cheap.
             a = info["q"][:, 0] + ridge * np.eye(self.n_params)
-            return np.linalg.solve(a, info["b"][:, 0][..., None])[..., 0]
+            try:
+                return np.linalg.solve(a, info["b"][:, 0][..., None])[..., 0]
+            except np.linalg.LinAlgError:  # fewer points than parameters (a short curve on its own grid)
+                return (np.linalg.pinv(a, hermitian=True) @ info["b"][:, 0][..., None])[..., 0]
         # max_theta theta^T Phi^T M2 Phi theta / theta^T Phi^T Phi theta: the top generalised
         # eigenvector; every rank solves the same small problem from the same reduced statistics.
         phi = self.design(self.t)
