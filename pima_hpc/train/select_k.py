@@ -48,11 +48,13 @@ def parse_k_range(text: str) -> list[int]:
     return ks
 
 
-def mixture_scores(train_means: np.ndarray, val_means: np.ndarray | None, ks: list[int], seed: int) -> list[dict]:
-    """BIC, ICL and held-out mean log-likelihood of a diagonal GaussianMixture per K."""
+def mixture_scores(train_means: np.ndarray, val_means: np.ndarray | None, ks: list[int], seed: int,
+                   covariance: str = "diag") -> list[dict]:
+    """BIC, ICL and held-out mean log-likelihood of a GaussianMixture per K, with the model's covariances
+    (``model.cluster_covariance``: "diag" or "full"; BIC counts their parameters)."""
     rows = []
     for k in ks:
-        gmm = GaussianMixture(n_components=k, covariance_type="diag", init_params="k-means++", n_init=3,
+        gmm = GaussianMixture(n_components=k, covariance_type=covariance, init_params="k-means++", n_init=3,
                               reg_covar=1e-4, random_state=seed).fit(train_means)
         resp = gmm.predict_proba(train_means)
         entropy = float(-(resp * np.log(np.clip(resp, 1e-300, None))).sum())
@@ -115,7 +117,7 @@ def select_k(cfg, ks: list[int], criterion: str, ctx, out_dir: str | None = None
         if trainer.val_data is not None:
             val_means = gather_subsample(ctx.collective, fused_means(model, trainer.val_data, trainer.eval_batch,
                                                                       ctx.device), max_rows)
-        rows = mixture_scores(train_means, val_means, ks, cfg.seed)
+        rows = mixture_scores(train_means, val_means, ks, cfg.seed, cfg.model.cluster_covariance)
         chosen = choose(rows, criterion)
         result = {"chosen_k": chosen, "criterion": criterion, "scores": rows, "pretrain": pre,
                   "train_rows": int(len(train_means)), "latent_dim": cfg.model.latent_dim}
