@@ -11,7 +11,8 @@ import torch
 from pima_hpc.config import Config, load_config
 from pima_hpc.data.base import DatasetSpec, spec_from_dict
 from pima_hpc.errors import CheckpointError, DataError, UserError
-from pima_hpc.model.pima import PIMA, CrossModalEncoders
+from pima_hpc.model.crossmodal import CrossModalEncoders
+from pima_hpc.model.pima import PIMA
 from pima_hpc.train.checkpoint import CheckpointManager
 
 

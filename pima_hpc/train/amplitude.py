@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pima_hpc.model.pima import PIMA, CrossModalEncoders, amplitude_key
+from pima_hpc.model.crossmodal import CrossModalEncoders, amplitude_key
+from pima_hpc.model.pima import PIMA
 from pima_hpc.model.statistics import StreamingStatistics, regression_statistics, solve_regression
 from pima_hpc.runtime import to_device
 from pima_hpc.train.em import reduce_all

@@ -15,7 +15,7 @@ import torch
 
 from pima_hpc.data.base import batch_loader
 from pima_hpc.model.elbo import cluster_distillation, crossmodal_kl
-from pima_hpc.model.pima import CrossModalEncoders
+from pima_hpc.model.crossmodal import CrossModalEncoders
 from pima_hpc.runtime import to_device
 from pima_hpc.train.amplitude import fit_amplitude_models
 from pima_hpc.train.precision import autocast
