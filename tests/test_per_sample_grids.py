@@ -194,9 +194,11 @@ def test_training_on_per_sample_grids(tmp_path, statistics):
     data = ragged_digits(tmp_path / "ragged.h5")
     run = tmp_path / "run"
     rc = main(["train", str(REPO / "configs" / "digits.yaml"), "data.source=hdf5", f"data.path={data}",
-               f"run_dir={run}", "train.epochs=6", "crossmodal.epochs=2", "figures=false", "train.progress=false",
-               f"train.statistics={statistics}"])
+               f"run_dir={run}", "train.epochs=6", "crossmodal.epochs=2", f"figures={statistics == 'exact'}",
+               "train.progress=false", f"train.statistics={statistics}"])
     assert rc == 0
+    if statistics == "exact":  # the figures draw each curve on its own points
+        assert {"experts_curve.png", "crossmodal_image_to_curve.png"} <= {p.name for p in (run / "figures").iterdir()}
     metrics = json.loads((run / "metrics.json").read_text())
     np.testing.assert_allclose(sorted(metrics["experts"]["curve"]["slope"]), np.arange(10), atol=0.05)
     assert metrics["bayes_curve"]["test"]["accuracy"] >= 0.99

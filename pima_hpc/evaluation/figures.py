@@ -73,11 +73,21 @@ def confusion_figure(confusion, labels, title, path):
     _save(fig, path)
 
 
+def measured_curves(model, name, batch) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each sample's curve as measured, (t, x) in physical units: its own points where the curve has
+    per-sample grids (never the encoder's resampled view), else the shared grid."""
+    spec = model.spec[name]
+    if name in getattr(model, "point_curves", ()):
+        x, t, mask = model.measured_points(name, batch)
+        return [(ti[mi > 0], xi[mi > 0]) for ti, xi, mi in zip(t, x, mask)]
+    return [(spec.t, xi) for xi in spec.to_physical(batch[name].cpu().numpy())]
+
+
 def experts_figure(ev, reader, name, path):
     batch, _, clusters = _sample(ev, reader, 600)
     model, spec = ev.model, ev.model.spec[name]
     t = spec.t
-    x = spec.to_physical(batch[name].cpu().numpy())
+    measured = measured_curves(model, name, batch)
     fits = model.experts[name].evaluate(model.theta(name))
     noise = model.log_noise(name).exp().sqrt().cpu().numpy() * spec.scale
     c = model.cfg.n_clusters
@@ -89,8 +99,8 @@ def experts_figure(ev, reader, name, path):
         if k >= c:
             ax.axis("off")
             continue
-        for curve in x[clusters == k][:40]:
-            ax.plot(t, curve, color="0.7", lw=0.6)
+        for i in np.flatnonzero(clusters == k)[:40]:
+            ax.plot(*measured[i], color="0.7", lw=0.6)
         ax.plot(t, fits[k], color="C3", lw=2)
         ax.fill_between(t, fits[k] - 2 * noise[k], fits[k] + 2 * noise[k], color="C3", alpha=0.15)
         ax.set_title(f"cluster {k} (n={int((clusters == k).sum())})", fontsize=9)
@@ -135,14 +145,14 @@ def crossmodal_figure(ev, reader, src, dst, path, n=6):
     model, spec = ev.model, ev.model.spec[dst]
     batch, _, _ = _sample(ev, reader, n)
     mean, var = ev.crossmodal.predict_curve(model, src, dst, batch[src])
-    truth = spec.to_physical(batch[dst].cpu().numpy())
+    truth = measured_curves(model, dst, batch)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.4), squeeze=False)
     for i in range(n):
         ax = axes[0][i]
         m, s = mean[i].cpu().numpy(), var[i].sqrt().cpu().numpy()
         ax.fill_between(spec.t, m - 2 * s, m + 2 * s, color="C0", alpha=0.2)
         ax.plot(spec.t, m, color="C0", label="predicted from " + src)
-        ax.plot(spec.t, truth[i], color="k", lw=0.8, label="measured")
+        ax.plot(*truth[i], color="k", lw=0.8, label="measured")
         if i == 0:
             ax.legend(fontsize=6)
     fig.suptitle(f"{dst} predicted from {src} alone (MoE mean +- 2 sd, eqs 13-14)")
