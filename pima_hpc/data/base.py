@@ -42,6 +42,15 @@ def points_key(name: str, part: str) -> str:
     return f"{name}@{part}"
 
 
+def measured_points(spec: "ModalitySpec", batch: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A curve of a batch as measured, in physical units, float64: (x, t, mask) (B, P) from its per-sample
+    points, or (x, None, None) on the modality's shared grid (x (B, L))."""
+    if not spec.points:
+        return spec.to_physical(batch[spec.name].detach().double().cpu().numpy()), None, None
+    x, t, mask = (batch[points_key(spec.name, p)].detach().double().cpu().numpy() for p in ("x", "t", "mask"))
+    return spec.to_physical(x), t, mask
+
+
 def points_from_stored(spec: "ModalitySpec", t: np.ndarray, x: np.ndarray, length: np.ndarray) -> dict:
     """Stored points (t and x physical, padded; the valid length of each row) -> the batch's tensors."""
     mask = np.arange(t.shape[1])[None, :] < np.asarray(length)[:, None]

@@ -103,6 +103,7 @@ def summarise(path, verify: bool = True) -> dict:
 def cmd_fit_experts(args) -> int:
     """Per expert: how well it fits each training curve alone (median / 10th-percentile R^2), and a pick."""
     from pima_hpc.data.errors import DataError
+    from pima_hpc.data.base import measured_points
     from pima_hpc.data.hdf5 import open_split
     from pima_hpc.model.fit_quality import POOR_MEDIAN_R2, fit_table, recommend
     try:
@@ -118,14 +119,9 @@ def cmd_fit_experts(args) -> int:
     batch = reader.read_batch(reader.indices[take])
     report = {}
     for m in curves:
-        x = m.to_physical(batch[m.name].double().numpy())
-        points = None
-        if m.points:  # per-sample grids: the measured points, not the encoder's resampled view
-            from pima_hpc.data.base import points_key
-            px, pt, pm = (batch[points_key(m.name, p)].double().numpy() for p in ("x", "t", "mask"))
-            points = (m.to_physical(px), pt, pm)
+        x, grid, mask = measured_points(m, batch)  # per-sample grids: the points, not the resampled view
         try:
-            rows = fit_table(m.t, x, args.expert, options, points)
+            rows = fit_table(m.t, x, args.expert, options, grid, mask)
         except (ValueError, TypeError) as exc:
             raise DataError(f"--expert/--options: {exc}") from None
         pick = recommend(rows)

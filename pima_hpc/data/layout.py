@@ -387,8 +387,9 @@ def read_rows(ds: h5py.Dataset, a: int, b: int, where: Path, out: np.ndarray | N
 
 
 def stored_bytes_per_sample(info: DatasetInfo) -> int:
-    return int(sum(STORAGE_DTYPES[info.storage[m.name]].itemsize * int(np.prod(m.shape)) + 16 * m.points + 4
-                   for m in info.spec.modalities))
+    # per-sample points: t and x float64 per point, and a length
+    return int(sum(STORAGE_DTYPES[info.storage[m.name]].itemsize * int(np.prod(m.shape))
+                   + (16 * m.points + 4 if m.points else 0) for m in info.spec.modalities))
 
 
 def list_splits(path) -> list[str]:

@@ -23,6 +23,13 @@ from pima_hpc.runtime import to_device
 SPLITS = ("train", "val", "test")
 
 
+def curve_scores(sse: float, inside: float, n: float, points: float, spread: float, units: str) -> dict:
+    """RMSE, R^2 (1 - SSE / the spread around the average curve), +-2 sd coverage over ``points`` points of
+    ``n`` curves."""
+    return {"rmse": float(np.sqrt(sse / points)), "r2": float(1.0 - sse / spread) if spread > 0 else float("nan"),
+            "coverage": float(inside / points), "n": int(n), "points": int(points), "units": units}
+
+
 class Evaluator:
     def __init__(self, model, crossmodal, splits: dict, collective, device, batch_size: int, seed: int = 0):
         """``splits``: {"train": reader, "val": reader or None, "test": reader or None}; ``seed`` draws
@@ -148,9 +155,7 @@ class Evaluator:
         sse, inside, n = total[:3]
         sy, syy = total[3:3 + length], total[3 + length:]
         spread = float((syy - sy ** 2 / max(n, 1)).sum())
-        points = n * length
-        return {"rmse": float(np.sqrt(sse / points)), "r2": float(1.0 - sse / spread) if spread > 0 else float("nan"),
-                "coverage": float(inside / points), "n": int(n), "points": int(points), "units": spec.units}
+        return curve_scores(sse, inside, n, n * length, spread, spec.units)
 
     @torch.no_grad()
     def point_curve_quality(self, reader, src: str, dst: str) -> dict:
@@ -182,8 +187,7 @@ class Evaluator:
         sse, inside, n, points, sxx = total[:5]
         u, gram = total[5:5 + length], total[5 + length:].reshape(length, length)
         spread = float(sxx - u @ np.linalg.lstsq(gram, u, rcond=None)[0])
-        return {"rmse": float(np.sqrt(sse / points)), "r2": float(1.0 - sse / spread) if spread > 0 else float("nan"),
-                "coverage": float(inside / points), "n": int(n), "points": int(points), "units": spec.units}
+        return curve_scores(sse, inside, n, points, spread, spec.units)
 
     @torch.no_grad()
     def amplitude_report(self, reader, quantiles=(0.05, 0.5, 0.95)) -> dict:

@@ -76,11 +76,10 @@ def confusion_figure(confusion, labels, title, path):
 def measured_curves(model, name, batch) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each sample's curve as measured, (t, x) in physical units: its own points where the curve has
     per-sample grids (never the encoder's resampled view), else the shared grid."""
-    spec = model.spec[name]
-    if name in getattr(model, "point_curves", ()):
-        x, t, mask = model.measured_points(name, batch)
-        return [(ti[mi > 0], xi[mi > 0]) for ti, xi, mi in zip(t, x, mask)]
-    return [(spec.t, xi) for xi in spec.to_physical(batch[name].cpu().numpy())]
+    x, t, mask = model.measured_points(name, batch)
+    if t is None:
+        return [(model.spec[name].t, xi) for xi in x]
+    return [(ti[mi > 0], xi[mi > 0]) for ti, xi, mi in zip(t, x, mask)]
 
 
 def experts_figure(ev, reader, name, path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from pima_hpc.model.experts import EXPERTS, build_expert
+from pima_hpc.model.rls import per_sample_fits
 
 POOR_MEDIAN_R2 = 0.9
 # Interpolates every curve exactly (one parameter per point): R^2 = 1 says nothing about a law.
@@ -24,7 +25,6 @@ def per_sample_r2(expert, x: np.ndarray, t: np.ndarray | None = None, mask: np.n
     if t is None:
         fit, m = expert.evaluate(expert.fit_samples(x)), np.ones_like(x)
     else:
-        from pima_hpc.model.rls import per_sample_fits
         m = np.asarray(mask, np.float64)
         theta = per_sample_fits(expert, x, t, m)
         fit = np.take_along_axis(expert.evaluate_at(t, theta), np.arange(len(x))[:, None, None], 1)[:, 0]
@@ -35,14 +35,14 @@ def per_sample_r2(expert, x: np.ndarray, t: np.ndarray | None = None, mask: np.n
 
 
 def fit_table(t: np.ndarray, x: np.ndarray, names: list[str] | None = None,
-              options: dict | None = None, points: tuple | None = None) -> list[dict]:
+              options: dict | None = None, grid: np.ndarray | None = None, mask: np.ndarray | None = None) -> list[dict]:
     """One row per expert (default: every registered one): median and 10th-percentile R^2, parameters;
-    best median first. ``options`` maps an expert name to its constructor keywords. ``points`` = (x, t,
-    mask) (N, P): curves on per-sample grids, fitted on their measured points (``x`` is then unused)."""
+    best median first. ``options`` maps an expert name to its constructor keywords. ``grid`` and ``mask``
+    (N, P): each curve of ``x`` on its own grid (see :func:`per_sample_r2`)."""
     rows = []
     for name in names or sorted(EXPERTS):
         expert = build_expert(name, t, options=(options or {}).get(name))
-        r2 = per_sample_r2(expert, x) if points is None else per_sample_r2(expert, *points)
+        r2 = per_sample_r2(expert, x, grid, mask)
         rows.append({"expert": name, "params": expert.n_params, "median_r2": float(np.median(r2)),
                      "p10_r2": float(np.quantile(r2, 0.1)), "ranked": name not in UNRANKED})
     rows.sort(key=lambda r: (not r["ranked"], -r["median_r2"], r["params"]))

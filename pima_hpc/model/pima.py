@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec, points_key
+from pima_hpc.data.base import CURVE, IMAGE, DatasetSpec, measured_points, points_key
 from pima_hpc.model import elbo, rls
 from pima_hpc.model.experts import build_expert
 from pima_hpc.errors import ConfigError
@@ -93,7 +93,7 @@ class PIMA(nn.Module):
         self.register_buffer("cluster_means", spread_points(c, l, cfg.cluster_init_scale))
         self.cluster_logvars = nn.Parameter(torch.zeros(c, l))
         # model.cluster_covariance=full: Sigma_c = L_c L_c^T, set by EM (cluster_logvars then mirror its diagonal)
-        self.full_covariance = getattr(cfg, "cluster_covariance", "diag") == "full"
+        self.full_covariance = cfg.cluster_covariance == "full"
         if self.full_covariance:
             self.register_buffer("cluster_scale_tril", torch.eye(l).repeat(c, 1, 1))
         init_noise = float(np.log(cfg.expert_noise_std ** 2))
@@ -132,11 +132,10 @@ class PIMA(nn.Module):
         e = self.experts[name].evaluate_at(t.detach().cpu().double().numpy(), self.theta(name))
         return torch.as_tensor(self.spec[name].to_normalised(e), dtype=dtype, device=t.device)
 
-    def measured_points(self, name: str, batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A per-sample-grid curve's measured points in a batch: values (physical units), grids and masks,
-        (B, P) float64 each."""
-        x, t, mask = (batch[points_key(name, p)].detach().double().cpu().numpy() for p in ("x", "t", "mask"))
-        return self.spec[name].to_physical(x), t, mask
+    def measured_points(self, name: str, batch: dict[str, torch.Tensor]):
+        """Curve ``name`` of a batch as measured, physical units (:func:`pima_hpc.data.base.measured_points`):
+        (x, t, mask) (B, P) float64 on per-sample grids, (x, None, None) on the shared grid."""
+        return measured_points(self.spec[name], batch)
 
     def curve_log_likelihood(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(X_s | c) of curve modality ``name`` for every cluster (eq 11; profiled over a free amplitude;
@@ -284,7 +283,7 @@ class PIMA(nn.Module):
 
     # ----- the ELBO ----------------------------------------------------------------------------
     def cluster_log_posterior(self, batch: dict[str, torch.Tensor], mu: torch.Tensor, logvar: torch.Tensor,
-                              z: torch.Tensor) -> torch.Tensor:
+                              z: torch.Tensor, curve_ll: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """log q(c | X) used in the ELBO, (B, C).
 
         "latent" (the paper): gamma = p(c|z) at the sample z (eq 15), differentiated through.
@@ -293,13 +292,14 @@ class PIMA(nn.Module):
         which also counts the expert likelihood. Appendix B's eq 27 treats the decoder as
         independent of c; with per-cluster experts it is not, and this q(c) is the tighter
         bound. It is an optimum, so by the envelope theorem no gradient flows through it.
+        ``curve_ll`` passes eq 11's log-likelihoods when the caller has them already.
         """
         if self.cfg.cluster_posterior == "latent":
             return self.log_responsibilities(z)
         with torch.no_grad():
             joint = self.log_pi() + self.expected_log_prior_z(mu, logvar)
             for name in self.curve_names:
-                joint = joint + self.curve_log_likelihood(name, batch)
+                joint = joint + (curve_ll[name] if curve_ll is not None else self.curve_log_likelihood(name, batch))
             return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
@@ -320,8 +320,10 @@ class PIMA(nn.Module):
 
     def _elbo_terms(self, batch, mu, logvar, z, means, q_c, return_codes):
         """The per-sample terms from the fused posterior (mu, logvar), its sample z and the decoded means."""
+        # eq 11 once per step (it holds no parameter: data and closed-form buffers), for q(c) and the term
+        curve_ll = {name: self.curve_log_likelihood(name, batch) for name in self.curve_names}
         if q_c is None:
-            log_gamma = self.cluster_log_posterior(batch, mu, logvar, z)
+            log_gamma = self.cluster_log_posterior(batch, mu, logvar, z, curve_ll)
         else:
             log_gamma = torch.log(q_c.clamp_min(1e-30))
         gamma = log_gamma.exp()
@@ -330,7 +332,7 @@ class PIMA(nn.Module):
         for name in self.decoded_names:
             terms["recon"] = terms["recon"] + self.recon_log_likelihood(name, batch[name], means[name])
         for name in self.curve_names:
-            ll = self.curve_log_likelihood(name, batch)
+            ll = curve_ll[name]
             terms["expert"] = terms["expert"] + (gamma * ll).sum(-1)
         terms["prior_z"] = (gamma * self.expected_log_prior_z(mu, logvar)).sum(-1)
         terms["prior_c"] = elbo.expected_log_prior_c(gamma, log_pi)

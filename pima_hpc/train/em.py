@@ -54,10 +54,8 @@ def add_curve_batch(model: PIMA, curves: dict[str, StreamingStatistics], gamma: 
 def sample_fits(model: PIMA, name: str, batch: dict) -> np.ndarray:
     """The expert fitted to each curve of the batch alone, in physical units (B, p): on its own grid where
     the curve has one."""
-    expert = model.experts[name]
-    if name in model.point_curves:
-        return per_sample_fits(expert, *model.measured_points(name, batch))
-    return expert.fit_samples(model.spec[name].to_physical(batch[name].double().cpu().numpy()))
+    x, t, mask = model.measured_points(name, batch)
+    return model.experts[name].fit_samples(x) if t is None else per_sample_fits(model.experts[name], x, t, mask)
 
 
 def reduce_all(collective, groups: list[StreamingStatistics]) -> None:

@@ -101,10 +101,7 @@ class MultimodalStage(Stage):
         batch = reader.read_batch(reader.indices[take])
         out = {}
         for name in self.model.curve_names:
-            if name in self.model.point_curves:
-                x, grid, mask = self.model.measured_points(name, batch)
-            else:
-                x, grid, mask = self.spec[name].to_physical(batch[name].double().numpy()), None, None
+            x, grid, mask = self.model.measured_points(name, batch)
             median = float(np.median(per_sample_r2(self.model.experts[name], x, grid, mask)))
             out[name] = median
             if self.run.is_root and median < POOR_MEDIAN_R2:
