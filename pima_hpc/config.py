@@ -179,6 +179,9 @@ class TrainConfig:
     pretrain_embedding: str = "none"
     # train.pretrain_embedding=umap: UMAP's number of neighbours.
     umap_neighbors: int = 30
+    # train.pretrain_embedding=umap: how many times the embedding and its mixture are found (other random states);
+    # the clustering that agrees best with the others (mean adjusted Rand index) is kept. 1 or >= 3.
+    umap_restarts: int = 1
     # Optional EM updates of the cluster variances and weights (from sum gamma*mu^2).
     em_variances: bool = True
     # One spherical variance shared by all clusters (robust latent-only assignment) or diagonal per cluster.
@@ -224,6 +227,8 @@ class TrainConfig:
         _choice(self.pretrain_balance, "train.pretrain_balance", ("values", "modalities", "images"))
         _choice(self.pretrain_embedding, "train.pretrain_embedding", ("none", "umap"))
         _check(self.umap_neighbors >= 2, "train.umap_neighbors", f"must be >= 2, got {self.umap_neighbors}")
+        _check(self.umap_restarts == 1 or self.umap_restarts >= 3, "train.umap_restarts",
+               f"must be 1 or >= 3 (two restarts cannot outvote each other), got {self.umap_restarts}")
         _check(self.init_trial_epochs >= 1, "train.init_trial_epochs", f"must be >= 1, got {self.init_trial_epochs}")
         _check(self.pretrain_epochs >= 0, "train.pretrain_epochs", f"must be >= 0, got {self.pretrain_epochs}")
         _check(0.0 <= self.rls_forgetting <= 1.0, "train.rls_forgetting", "must be in [0, 1]")

@@ -14,7 +14,8 @@ from sklearn.mixture import GaussianMixture
 
 from pima_hpc.config import ConfigError, load_config
 from pima_hpc.train.pretrain import (fit_latent_mixture, mean_log_likelihood, mixture_from_responsibilities,
-                                     pretrain_autoencoder, umap_mixture)
+                                     most_reproducible, pretrain_autoencoder, restart_seeds, umap_mixture,
+                                     umap_mixtures)
 from pima_hpc.train.run import train_from_config
 from pima_hpc.train.trainer import Trainer
 
@@ -43,6 +44,9 @@ def test_umap_mixture_separates_rings_a_gaussian_mixture_cannot():
     assert resp.shape == (len(x), 2) and np.allclose(resp.sum(1), 1.0)
     assert _accuracy(y, resp.argmax(1), 2) > 0.99
     assert np.array_equal(umap_mixture(x, 2, seed=0, neighbors=15), resp)  # deterministic for a seed
+    # restarts run one after another in one child; each is what its random state gives alone
+    again = umap_mixtures(x, 2, [1000, 0], neighbors=15)
+    assert np.array_equal(again[1], resp) and np.array_equal(again[0], umap_mixture(x, 2, seed=1000, neighbors=15))
 
 
 def test_prior_is_the_m_step_of_the_responsibilities():
@@ -115,3 +119,46 @@ def test_umap_missing_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
 def test_bad_embedding_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="train.pretrain_embedding"):
         _cfg(tmp_path, "train.pretrain_embedding=tsne")
+
+
+def test_most_reproducible_keeps_the_clustering_its_restarts_agree_on():
+    """Four restarts find the three classes (labels permuted, a few points moved); one merged classes 0 and 1 and
+    split class 2. The merged one has the lowest mean adjusted Rand index and is never kept."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1, 2], 100)
+    good = []
+    for r in range(4):
+        p = rng.permutation(3)[truth]
+        moved = rng.choice(len(p), 5, replace=False)
+        p[moved] = rng.integers(0, 3, 5)
+        good.append(p)
+    merged = np.where(truth == 1, 0, truth)
+    merged[200:250] = 1  # class 2 split in two
+    for at in range(5):
+        parts = good[:at] + [merged] + good[at:]
+        chosen, mean = most_reproducible(parts)
+        assert chosen != at and mean[at] == mean.min() and mean.argmax() == chosen
+    assert most_reproducible([good[0], good[0].copy(), good[0].copy()])[0] == 0  # ties go to the earlier
+    assert most_reproducible([merged])[0] == 0
+
+
+def test_umap_restarts_keep_one_restart_and_say_which(tmp_path):
+    """train.umap_restarts=3: the prior is the M-step of the kept restart's responsibilities (umap_mixture with
+    that random state), and the choice is recorded; 2 restarts are one config error."""
+    trainer = Trainer(_cfg(tmp_path / "run"))
+    t, model, reader = trainer.cfg.train, trainer.model, trainer.train_data
+    pretrain_autoencoder(model, reader, trainer.ctx, 2, t.batch_size, t.lr, 0)
+    from pima_hpc.collective import gather_subsample
+    from pima_hpc.train.pretrain import fused_means
+    # the codes the mixture is fitted to (fitting it changes the encoders' variances, so the fused means too)
+    sample = gather_subsample(trainer.collective, fused_means(model, reader, 64, trainer.device), 20000)
+    info = fit_latent_mixture(model, reader, 64, trainer.collective, trainer.device, 7, embedding="umap",
+                              neighbors=10, restarts=3)
+    record = info["umap_restarts"]
+    assert record["random_states"] == restart_seeds(7, 3) == [7, 1007, 2007] and len(record["mean_ari"]) == 3
+    assert record["chosen"] == record["random_states"][int(np.argmax(record["mean_ari"]))]
+    fit = mixture_from_responsibilities(sample, umap_mixture(sample, model.cfg.n_clusters, record["chosen"], 10),
+                                        full=model.full_covariance)
+    assert np.allclose(model.cluster_means.double().numpy(), fit["means"], atol=1e-5)
+    with pytest.raises(ConfigError, match="train.umap_restarts"):
+        _cfg(tmp_path / "bad", "train.umap_restarts=2")

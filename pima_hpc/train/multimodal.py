@@ -138,7 +138,7 @@ class MultimodalStage(Stage):
                                              t.batch_size, 0)
                 info.update(fit_latent_mixture(self.model, self.train_data, bs, self.collective, self.device,
                                                self.cfg.seed, embedding=t.pretrain_embedding,
-                                               neighbors=t.umap_neighbors))
+                                               neighbors=t.umap_neighbors, restarts=t.umap_restarts))
             _, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
             if curves:  # the experts from the mixture's responsibilities (eq 17)
                 for name, st in curves.items():
