@@ -171,6 +171,10 @@ class TrainConfig:
     # its values (an image of 784 pixels outweighs a 20-point curve); "modalities" = each modality's mean
     # per value, so every modality counts alike; "images" = the images alone are reconstructed.
     pretrain_balance: str = "values"
+    # Images moved at random for the encoders, in pre-training and training: "none", or "affine" = a rotation within
+    # 10 degrees and a shift within 10 % of each side per image and epoch; the ELBO scores the stored image
+    # (pima_hpc/train/augment.py, docs/method.md).
+    augment: str = "none"
     # train.init=auto: epochs of ordinary training after each candidate initialisation before they are compared.
     init_trial_epochs: int = 1
     # train.init=pretrain/auto: where the pre-trained codes are clustered: "none" = a diagonal Gaussian mixture on
@@ -225,6 +229,7 @@ class TrainConfig:
         _check(0.0 <= self.warmup_agreement <= 1.0, "train.warmup_agreement", "must be in [0, 1]")
         _choice(self.init, "train.init", ("experts", "random", "pretrain", "auto"))
         _choice(self.pretrain_balance, "train.pretrain_balance", ("values", "modalities", "images"))
+        _choice(self.augment, "train.augment", ("none", "affine"))
         _choice(self.pretrain_embedding, "train.pretrain_embedding", ("none", "umap"))
         _check(self.umap_neighbors >= 2, "train.umap_neighbors", f"must be >= 2, got {self.umap_neighbors}")
         _check(self.umap_restarts == 1 or self.umap_restarts >= 3, "train.umap_restarts",

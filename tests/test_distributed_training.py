@@ -226,8 +226,11 @@ def test_two_ranks_pretrain_initialisation_equals_one_rank(tmp_path):
     """train.init=pretrain on 2 ranks: the per-step calibrated variances come from the global batch (one
     allreduce), the gradients are DDP's average and the mixture is fitted to the rank-gathered means, so the
     pre-training losses, noise levels, mixture and the first epoch trained from them equal one process with
-    the same global batches (float64; per-rank BatchNorm emulated by the ghost BatchNorm, as above)."""
-    over = ["--", "train.init=pretrain", "train.pretrain_epochs=2", "model.image_noise=learned"]
+    the same global batches (float64; per-rank BatchNorm emulated by the ghost BatchNorm, as above). The images
+    are moved at random (train.augment=affine), one draw per sample of the split, so the moves do not
+    depend on which rank reads a sample."""
+    over = ["--", "train.init=pretrain", "train.pretrain_epochs=2", "model.image_noise=learned",
+            "train.augment=affine"]
     one, _ = launch([sys.executable, TRAIN_WORKER, "--out", tmp_path, "--tag", "one", "--batch-size", 32,
                      "--bn", "ghost", "--dtype", "float64", *over])
     assert one.returncode == 0, fail_message(one)

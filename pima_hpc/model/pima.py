@@ -303,14 +303,15 @@ class PIMA(nn.Module):
             return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-                q_c: torch.Tensor | None = None, return_codes: bool = False):
+                q_c: torch.Tensor | None = None, return_codes: bool = False, seen: dict | None = None):
         """Per-sample ELBO terms (Section 2.3 / Appendix B with ERRATA 1-3), each (B,).
 
         q(c|X) from :meth:`cluster_log_posterior`, unless ``q_c`` (B, C) supplies it (the optional
         expert-guided warm-up uses eq 19's p(c | X_s)). ``return_codes`` also returns the fused
-        posterior (mu, logvar), which the streaming EM statistics reuse.
+        posterior (mu, logvar), which the streaming EM statistics reuse. ``seen``: what the encoders read
+        instead of ``batch`` (train.augment's moved images); every likelihood still scores ``batch``.
         """
-        mu, logvar = self.encode(batch)
+        mu, logvar = self.encode(batch if seen is None else seen)
         z = elbo.reparameterize(mu, logvar, generator)
         means = {name: _full_precision(self.decoders[name](z)) for name in self.decoded_names}
         # The networks above may run under the caller's autocast (train.precision=bf16); the ELBO's

@@ -28,6 +28,7 @@ from pima_hpc.errors import ConfigError
 from pima_hpc.model.pima import elbo_from_terms
 from pima_hpc.runtime import to_device
 from pima_hpc.train import em
+from pima_hpc.train.augment import TRAIN_STREAM, epoch_moves, moved_batch
 from pima_hpc.train.precision import autocast
 from pima_hpc.train.stage import Stage
 
@@ -132,7 +133,7 @@ class MultimodalStage(Stage):
             if kind == "pretrain":
                 from pima_hpc.train.pretrain import fit_latent_mixture, pretrain_autoencoder
                 info.update(pretrain_autoencoder(self.model, self.train_data, self.ctx, t.pretrain_epochs,
-                                                 t.batch_size, t.lr, self.cfg.seed, t.pretrain_balance))
+                                                 t.batch_size, t.lr, self.cfg.seed, t.pretrain_balance, t.augment))
                 # the mixture is fitted in eval mode: BatchNorm statistics the same on every rank first
                 self.run.recompute_batchnorm(self.model, self._multimodal_forward, t.precise_bn_batches,
                                              t.batch_size, 0)
@@ -263,6 +264,8 @@ class MultimodalStage(Stage):
         bar.update(start)
         if self.streaming is not None and start == 0:
             self.streaming.start_epoch()
+        moves = (epoch_moves(self.train_data.num_global, self.cfg.seed, epoch, TRAIN_STREAM)
+                 if t.augment == "affine" else None)
         loader = batch_loader(self.train_data, batches[start:], self.cfg.data.num_workers)
         for step, batch in enumerate(loader, start):
             batch = to_device(batch, self.device)
@@ -272,8 +275,10 @@ class MultimodalStage(Stage):
             # carry no cluster information yet. The joint q(c) already includes it.
             use_experts = warm and self.cfg.model.cluster_posterior == "latent" and self.model.curve_names
             q_c = self.model.expert_log_posterior(batch).exp().detach() if use_experts else None
+            # train.augment: the encoders see moved images, the ELBO scores the stored ones (pima_hpc/train/augment.py)
+            seen_batch = None if moves is None else moved_batch(batch, self.model.image_names, batches[step], moves)
             with autocast(t.precision, self.device):
-                out = self.net(batch, gen, q_c, return_codes=self.streaming is not None)
+                out = self.net(batch, gen, q_c, return_codes=self.streaming is not None, seen=seen_batch)
             if self.streaming is not None:
                 terms, mu, logvar = out
                 self.streaming.add(self.model, batch, mu, logvar)

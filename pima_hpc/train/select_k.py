@@ -110,7 +110,7 @@ def select_k(cfg, ks: list[int], criterion: str, ctx, out_dir: str | None = None
         trainer = Trainer(cfg, ctx)
         t, model = cfg.train, trainer.model
         pre = pretrain_autoencoder(model, trainer.train_data, ctx, t.pretrain_epochs, t.batch_size, t.lr, cfg.seed,
-                                   t.pretrain_balance)
+                                   t.pretrain_balance, t.augment)
         train_means = gather_subsample(ctx.collective, fused_means(model, trainer.train_data, trainer.eval_batch,
                                                                     ctx.device), max_rows)
         val_means = None
