@@ -1,9 +1,11 @@
-"""train.augment=affine (pima_hpc/train/pretrain.py): the moves are the rotations and shifts they claim
-to be (exact against torch.rot90 and a pixel shift), stay within their bounds, and pre-training with them
-repeats exactly and differs from pre-training without them."""
+"""train.augment=affine (pima_hpc/train/augment.py): the moves are the rotations and shifts they claim to be
+(exact against torch.rot90 and a pixel shift) and stay within their bounds; the encoders read the moved images
+while every likelihood scores the stored ones; pre-training and training with them repeat exactly and differ from
+runs without them."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,7 +13,10 @@ import torch
 
 from pima_hpc.config import ConfigError, load_config
 from pima_hpc.train.augment import AUGMENT_DEGREES, AUGMENT_SHIFT, move_images, random_moves
+from pima_hpc.model import elbo
+from pima_hpc.train.augment import epoch_moves, moved_batch
 from pima_hpc.train.pretrain import pretrain_autoencoder
+from pima_hpc.train.run import train_from_config
 from pima_hpc.train.trainer import Trainer
 
 
@@ -73,3 +78,40 @@ def test_pretraining_with_moves_repeats_exactly_and_differs_from_none(tmp_path):
 def test_unknown_augment_is_a_config_error():
     with pytest.raises(ConfigError, match="train.augment"):
         load_config("configs/digits.yaml", ["train.augment=mixup"])
+
+
+def test_the_encoders_read_the_moved_images_and_the_likelihood_scores_the_stored_ones(tmp_path):
+    cfg = load_config("configs/digits.yaml", [f"run_dir={tmp_path}", "train.progress=false"])
+    trainer = Trainer(cfg)
+    model, reader = trainer.model.eval(), trainer.train_data
+    idx = reader.indices[:16]
+    batch = reader.read_batch(idx)
+    moved = moved_batch(batch, model.image_names, idx, epoch_moves(reader.num_global, 0, 0, 41))
+    assert not torch.equal(moved["image"], batch["image"])
+    assert all(torch.equal(moved[n], batch[n]) for n in model.curve_names)  # curves are never moved
+    with torch.no_grad():
+        terms = model(batch, torch.Generator().manual_seed(3), seen=moved)
+        # by hand: the code of the moved images, its sample, the stored images' likelihood
+        mu, logvar = model.encode(moved)
+        z = elbo.reparameterize(mu, logvar, torch.Generator().manual_seed(3))
+        recon = model.recon_log_likelihood("image", batch["image"], model.decoders["image"](z))
+        plain_mu, _ = model.encode(batch)
+    torch.testing.assert_close(terms["recon"], recon)
+    torch.testing.assert_close(terms["entropy_z"], elbo.entropy_q_z(logvar))
+    assert not torch.allclose(mu, plain_mu)  # the code is the moved images', not the stored ones'
+
+
+def _trained(run_dir, augment):
+    cfg = load_config("configs/digits.yaml", [f"run_dir={run_dir}", "train.progress=false", "figures=false",
+                                              "data.modalities=[image]", "train.init=pretrain", "train.epochs=1",
+                                              "train.pretrain_epochs=1", f"train.augment={augment}"])
+    assert train_from_config(cfg) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return metrics["init"]["pretrain_losses"], [h["train_elbo"] for h in metrics["history"] if "train_elbo" in h]
+
+
+def test_training_with_moves_repeats_exactly_and_differs_from_none(tmp_path):
+    moved, again, plain = (_trained(tmp_path / name, aug) for name, aug in
+                           (("a", "affine"), ("b", "affine"), ("c", "none")))
+    assert moved == again
+    assert moved[0] != plain[0] and moved[1] != plain[1]

@@ -5,6 +5,8 @@ The encoders see the moved image; every likelihood (the decoders' reconstruction
 stored. That is a denoising autoencoder whose noise is a small move: the code keeps a digit's shape and drops its
 pose. The moves are drawn once per epoch for every sample of the split, indexed by global sample index, so they do
 not depend on which rank reads a sample (N ranks train as one process) and a resumed epoch repeats them.
+Evaluation, the EM pass and precise BatchNorm read the stored images; with ``train.statistics: streaming`` the EM
+statistics are the training steps' own codes, so they come from the moved images.
 """
 
 from __future__ import annotations
