@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pima_hpc.config import ConfigError, load_config
-from pima_hpc.train.augment import AUGMENT_DEGREES, AUGMENT_SHIFT, move_images, random_moves
 from pima_hpc.model import elbo
-from pima_hpc.train.augment import epoch_moves, moved_batch
+from pima_hpc.train.augment import (AUGMENT_DEGREES, AUGMENT_SHIFT, TRAIN_STREAM, epoch_moves, move_images,
+                                    moved_batch, random_moves)
 from pima_hpc.train.pretrain import pretrain_autoencoder
 from pima_hpc.train.run import train_from_config
 from pima_hpc.train.trainer import Trainer
@@ -80,13 +80,26 @@ def test_unknown_augment_is_a_config_error():
         load_config("configs/digits.yaml", ["train.augment=mixup"])
 
 
+def test_augment_without_images_is_a_config_error(tmp_path):
+    cfg = load_config("configs/digits.yaml", [f"run_dir={tmp_path}", "data.modalities=[curve]", "train.augment=affine"])
+    with pytest.raises(ConfigError, match="train.augment.*set train.augment=none"):
+        Trainer(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # nothing half-written
+
+
+def test_no_moves_leave_the_batch_as_it_is():
+    batch = {"image": _images()}
+    assert epoch_moves("none", 3, 0, 0, TRAIN_STREAM) is None
+    assert moved_batch(batch, ["image"], [0, 1, 2], None) is batch
+
+
 def test_the_encoders_read_the_moved_images_and_the_likelihood_scores_the_stored_ones(tmp_path):
     cfg = load_config("configs/digits.yaml", [f"run_dir={tmp_path}", "train.progress=false"])
     trainer = Trainer(cfg)
     model, reader = trainer.model.eval(), trainer.train_data
     idx = reader.indices[:16]
     batch = reader.read_batch(idx)
-    moved = moved_batch(batch, model.image_names, idx, epoch_moves(reader.num_global, 0, 0, 41))
+    moved = moved_batch(batch, model.image_names, idx, epoch_moves("affine", reader.num_global, 0, 0, TRAIN_STREAM))
     assert not torch.equal(moved["image"], batch["image"])
     assert all(torch.equal(moved[n], batch[n]) for n in model.curve_names)  # curves are never moved
     with torch.no_grad():

@@ -31,8 +31,11 @@ def random_moves(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
     return angle, shift
 
 
-def epoch_moves(n_global: int, seed: int, epoch: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One move per sample of a split of ``n_global`` samples for this epoch (the same on every rank)."""
+def epoch_moves(augment: str, n_global: int, seed: int, epoch: int, stream: int):
+    """One move per sample of a split of ``n_global`` samples for this epoch (the same on every rank), or None
+    with ``augment="none"``."""
+    if augment == "none":
+        return None
     return random_moves(n_global, torch.Generator().manual_seed(seed + stream + 1009 * epoch))
 
 
@@ -46,8 +49,10 @@ def move_images(x: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor) -> to
 
 
 def moved_batch(batch: dict[str, torch.Tensor], image_names, global_indices: np.ndarray,
-                moves: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+                moves: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """The batch the encoders see: its images moved by the moves of its samples (``global_indices``), the curves
-    as they are."""
+    as they are; the batch itself when ``moves`` is None."""
+    if moves is None:
+        return batch
     rows = torch.as_tensor(np.asarray(global_indices), dtype=torch.long)
     return {n: move_images(v, moves[0][rows], moves[1][rows]) if n in image_names else v for n, v in batch.items()}

@@ -71,6 +71,9 @@ class MultimodalStage(Stage):
         if self.cfg.train.pretrain_embedding == "umap" and self.cfg.train.init in ("pretrain", "auto"):
             from pima_hpc.train.pretrain import require_umap
             require_umap()  # fail now, not after the pre-training
+        if self.cfg.train.augment != "none" and not self.model.image_names:
+            raise ConfigError(f"config key 'train.augment': {self.cfg.train.augment} moves images, and the modalities "
+                              f"{list(self.model.names)} include none; set train.augment=none")
 
     def _streaming_statistics(self):
         """train.statistics=streaming: the EM statistics of the training pass (pima_hpc/train/streaming.py)."""
@@ -264,8 +267,7 @@ class MultimodalStage(Stage):
         bar.update(start)
         if self.streaming is not None and start == 0:
             self.streaming.start_epoch()
-        moves = (epoch_moves(self.train_data.num_global, self.cfg.seed, epoch, TRAIN_STREAM)
-                 if t.augment == "affine" else None)
+        moves = epoch_moves(t.augment, self.train_data.num_global, self.cfg.seed, epoch, TRAIN_STREAM)
         loader = batch_loader(self.train_data, batches[start:], self.cfg.data.num_workers)
         for step, batch in enumerate(loader, start):
             batch = to_device(batch, self.device)
@@ -276,9 +278,9 @@ class MultimodalStage(Stage):
             use_experts = warm and self.cfg.model.cluster_posterior == "latent" and self.model.curve_names
             q_c = self.model.expert_log_posterior(batch).exp().detach() if use_experts else None
             # train.augment: the encoders see moved images, the ELBO scores the stored ones (pima_hpc/train/augment.py)
-            seen_batch = None if moves is None else moved_batch(batch, self.model.image_names, batches[step], moves)
+            encoded = moved_batch(batch, self.model.image_names, batches[step], moves)
             with autocast(t.precision, self.device):
-                out = self.net(batch, gen, q_c, return_codes=self.streaming is not None, seen=seen_batch)
+                out = self.net(batch, gen, q_c, return_codes=self.streaming is not None, seen=encoded)
             if self.streaming is not None:
                 terms, mu, logvar = out
                 self.streaming.add(self.model, batch, mu, logvar)

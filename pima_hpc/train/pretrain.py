@@ -94,12 +94,11 @@ def pretrain_autoencoder(model, reader, ctx, epochs: int, batch_size: int, lr: f
     losses, var = [], np.ones(len(names))
     for epoch in range(epochs):
         total = 0.0
-        moves = epoch_moves(reader.num_global, seed, epoch, PRETRAIN_STREAM) if augment == "affine" else None
+        moves = epoch_moves(augment, reader.num_global, seed, epoch, PRETRAIN_STREAM)
         for step, idx in enumerate(reader.batch_index_lists(batch_size, epoch, seed + 23, shuffle=True)):
             batch = to_device(reader.read_batch(idx), ctx.device)
-            # what the encoders see; the decoders reconstruct the batch as stored
-            seen = batch if moves is None else moved_batch(batch, model.image_names, idx, moves)
-            mu, _ = model.encode(seen)
+            # the encoders see the moved images (train.augment), the decoders reconstruct the batch as stored
+            mu, _ = model.encode(moved_batch(batch, model.image_names, idx, moves))
             sse = [((batch[n] - decoders[n](mu)) ** 2).flatten(1).sum(1).sum() for n in names]
             # sigma_m^2 in closed form from the global batch (every rank the same): the likelihood's
             # maximiser, so each modality's term is scale-free.
