@@ -47,7 +47,7 @@ NOISE_STD = {"clean": 0.01, "noisy": 0.5}
 # crossmodal_<m>: the cluster heads (docs/method.md); crossmodal_latent_<m>: the paper's p(c | z = mu~_m)
 # multimodal_joint: argmax q(c | X), the experts' likelihoods counted too (docs/method.md, Evaluation)
 ROWS = ("multimodal", "multimodal_joint", "crossmodal_image", "crossmodal_curve", "crossmodal_latent_image", "crossmodal_latent_curve",
-        "bayes_curve")
+        "bayes_curve", "kmeans_image", "kmeans_curve")  # k-means on each modality alone: metrics.json "baselines"
 
 
 def bayes_limit_curve(noise_std: float, priors: np.ndarray, points: int = 20) -> float:
@@ -116,6 +116,7 @@ def mnist(args, lines: list[str]) -> None:
             metrics, trainer, wall = run("configs/mnist.yaml", overrides)
             priors = np.array(metrics["multimodal"]["test"]["confusion"]).sum(1)
             res = {k: metrics[k]["test"]["accuracy"] for k in ROWS if k in metrics}
+            res.update({k: v["test"]["accuracy"] for k, v in metrics.get("baselines", {}).items() if k in ROWS})
             res.update(wall_s=wall, epochs=args.epochs, bayes=bayes_limit_curve(NOISE_STD[noise], priors / priors.sum()))
             results.setdefault(noise, []).append(res)
             print(f"mnist {noise} seed {seed}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res.items()
