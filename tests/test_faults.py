@@ -451,6 +451,34 @@ def test_peer_failure_tells_a_lost_peer_from_a_backend_bug(monkeypatch):
     assert peer_failure(RuntimeError("Connection reset by peer")) is None  # not from a backend
 
 
+def test_peer_failure_knows_a_bare_gloo_error_by_where_it_was_raised(monkeypatch, tmp_path):
+    """gloo's timeout reaches DDP's buffer broadcast as a bare RuntimeError ("Application timeout caused pair
+    closure", no "gloo", no source path; seen in CI with a frozen peer). Raised from torch's distributed code
+    it is a lost peer; the same words raised anywhere else, or another error raised there, are not."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+
+    def raised_in(filename, message):
+        scope = {}
+        exec(compile(f"def collective():\n    raise RuntimeError({message!r})\n", filename, "exec"), scope)
+        try:
+            scope["collective"]()
+        except RuntimeError as exc:
+            return exc
+
+    ddp = str(tmp_path / "site-packages" / "torch" / "nn" / "parallel" / "distributed.py")
+    c10d = str(tmp_path / "site-packages" / "torch" / "distributed" / "distributed_c10d.py")
+    ours = str(tmp_path / "pima_hpc" / "train" / "multimodal.py")
+    assert peer_failure(raised_in(ddp, "Application timeout caused pair closure")) == \
+        "gloo: Application timeout caused pair closure"
+    assert peer_failure(raised_in(c10d, "Connection closed by peer [127.0.0.1]:4242")) is not None
+    assert peer_failure(raised_in(ours, "Application timeout caused pair closure")) is None
+    assert peer_failure(raised_in(ddp, "Expected all tensors to be on the same device")) is None
+
+
 # ----------------------------------------------------------------------------------------------- non-finite values
 
 def test_injected_nan_stops_naming_step_and_term_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
