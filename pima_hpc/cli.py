@@ -47,9 +47,14 @@ def cmd_select_k(args) -> int:
     from pima_hpc.config import load_config
     from pima_hpc.train.run import select_k_from_config
     from pima_hpc.train.select_k import parse_k_range
+    from pima_hpc.train.signals import EXIT_REQUEUE, StopRequested
 
     cfg = load_config(args.config, args.overrides)
-    result = select_k_from_config(cfg, parse_k_range(args.range), args.criterion)
+    try:
+        result = select_k_from_config(cfg, parse_k_range(args.range), args.criterion)
+    except StopRequested as stop:
+        log.warning("stopped at %s after a signal; exiting with %d", stop, EXIT_REQUEUE)
+        return EXIT_REQUEUE
     if _rank() == 0:
         for r in result["scores"]:
             held = f"  held-out log-lik {r['heldout']:.4f}" if r["heldout"] is not None else ""

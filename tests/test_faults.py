@@ -280,6 +280,53 @@ def test_sigterm_after_the_umap_start_resumes_bitwise(tmp_path):
     assert_bitwise_same_run(reference_run, run)
 
 
+PRETRAIN = ("stages=[multimodal]", "train.epochs=1", "train.init=pretrain", "train.pretrain_epochs=4")
+
+
+def test_sigterm_during_pretraining_exits_75_at_once_and_resumes_bitwise(tmp_path):
+    """train.init=pretrain checkpoints each pre-training epoch (ckpt-pretrain-e<N>). A SIGTERM in pre-training
+    epoch 2 or later ends the run after the current step with 75 (it used to be ignored until pre-training had
+    finished, past Slurm's USR1 lead time), keeps the last epoch's checkpoint, and the resumed run continues the
+    pre-training from it: final weights and metrics equal the uninterrupted run's bit for bit."""
+    reference_run = tmp_path / "reference"
+    assert run_to_end(train_cmd(reference_run, *PRETRAIN), tmp_path / "log-ref") == 0, tail(tmp_path / "log-ref")
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(train_cmd(run, *PRETRAIN), log)
+    try:
+        wait_for(lambda: latest(run) == "ckpt-pretrain-e0001-s000000.pt", RUN_TIMEOUT, proc, log)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        tic = time.monotonic()
+        assert proc.wait(timeout=60) == 75, tail(log)
+        assert time.monotonic() - tic < 10, tail(log)  # one step, not the rest of the pre-training
+    finally:
+        kill_pids(proc.pid)
+    stopped_at = latest(run)
+    assert stopped_at.startswith("ckpt-pretrain-e000"), stopped_at
+    assert "stopped at pre-training epoch" in log.read_text() and "exiting with 75" in log.read_text(), tail(log)
+    assert run_to_end(train_cmd(run, *PRETRAIN), tmp_path / "log2") == 0, tail(tmp_path / "log2")
+    assert f"resumed from {run / 'checkpoints' / stopped_at} (pre-training" in (tmp_path / "log2").read_text()
+    assert_bitwise_same_run(reference_run, run)
+
+
+def test_sigterm_while_select_k_pretrains_exits_75_at_once(tmp_path):
+    """``pima train --select-k`` pre-trains before the run has a checkpoint: a SIGTERM there exits 75 after the
+    current step, writing no select_k.json (the resumed run chooses K again)."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    cmd = train_cmd(run, "stages=[multimodal]", "train.pretrain_epochs=50", "train.init=pretrain")
+    proc = start(cmd[:4] + ["--select-k", "2:4"] + cmd[4:], log)
+    try:
+        wait_for(lambda: "pre-training 1/50" in log.read_text(), RUN_TIMEOUT, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        tic = time.monotonic()
+        assert proc.wait(timeout=60) == 75, tail(log)
+        assert time.monotonic() - tic < 10, tail(log)
+    finally:
+        kill_pids(proc.pid)
+    assert "stopped at select-k's pre-training epoch" in log.read_text(), tail(log)
+    assert not (run / "select_k.json").exists() and latest(run) is None
+
+
 def test_second_signal_exits_at_once_and_a_duplicate_is_one_request(tmp_path):
     """A signal delivered twice within a second (process group + torchrun's relay) is one request;
     a later second signal exits at once with 128 + signum."""

@@ -24,7 +24,8 @@ from pima_hpc.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
-STAGE_ORDER = {"multimodal": 0, "crossmodal": 1, "done": 2}
+# "pretrain": the epochs of train.init=pretrain's pre-training, before the multimodal stage's first checkpoint
+STAGE_ORDER = {"pretrain": 0, "multimodal": 1, "crossmodal": 2, "done": 3}
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

@@ -68,6 +68,10 @@ class MultimodalStage(Stage):
         self.curve_memory = None  # the experts' statistics kept across epochs (train.rls_forgetting > 0)
         self.streaming = self._streaming_statistics()
         self.nan_at_step = _injected_nan_step()
+        # train.init=pretrain's pre-training while it runs (its epoch checkpoints hold its state), and the
+        # state a resumed run continues it from
+        self.pretraining = None
+        self.pretraining_resumed = None
         if self.cfg.train.pretrain_embedding == "umap" and self.cfg.train.init in ("pretrain", "auto"):
             from pima_hpc.train.pretrain import require_umap
             require_umap()  # fail now, not after the pre-training
@@ -125,8 +129,9 @@ class MultimodalStage(Stage):
         self.state.initialized = True
         self.state.init = info
 
-    def _initialise(self, kind: str) -> dict:
-        """One initialisation (train.init): the mixture prior, then the experts from its responsibilities."""
+    def _initialise(self, kind: str, checkpoints: bool = True) -> dict:
+        """One initialisation (train.init): the mixture prior, then the experts from its responsibilities.
+        ``checkpoints``: pre-training saves a checkpoint after each epoch (not inside train.init=auto's trial)."""
         bs, t = self.eval_batch, self.cfg.train
         info = {"method": kind}
         if kind == "experts":
@@ -134,9 +139,8 @@ class MultimodalStage(Stage):
                                                    self.cfg.seed))
         else:
             if kind == "pretrain":
-                from pima_hpc.train.pretrain import fit_latent_mixture, pretrain_autoencoder
-                info.update(pretrain_autoencoder(self.model, self.train_data, self.ctx, t.pretrain_epochs,
-                                                 t.batch_size, t.lr, self.cfg.seed, t.pretrain_balance, t.augment))
+                from pima_hpc.train.pretrain import fit_latent_mixture
+                info.update(self._pretrain(checkpoints))
                 # the mixture is fitted in eval mode: BatchNorm statistics the same on every rank first
                 self.run.recompute_batchnorm(self.model, self._multimodal_forward, t.precise_bn_batches,
                                              t.batch_size, 0)
@@ -152,6 +156,35 @@ class MultimodalStage(Stage):
             info["image_noise_std"] = em.update_image_noise(self.model, self.train_data, bs, self.collective,
                                                             self.device)
         return info
+
+    def _pretrain(self, checkpoints: bool) -> dict:
+        """The autoencoder pre-training of train.init=pretrain, stoppable after any step.
+
+        With ``checkpoints`` every epoch ends in a checkpoint (ckpt-pretrain-e<N>) that a resumed run
+        continues exactly; a stop signal ends the run after the current step with that checkpoint the
+        newest (no epoch done: none, and the run starts over). Without, the caller owns the checkpoint."""
+        from pima_hpc.train.pretrain import AutoencoderPretraining
+        from pima_hpc.train.signals import StopRequested
+        t = self.cfg.train
+        pre = AutoencoderPretraining(self.model, self.train_data, self.ctx, t.pretrain_epochs, t.batch_size, t.lr,
+                                     self.cfg.seed, t.pretrain_balance, t.augment)
+        if checkpoints and self.pretraining_resumed is not None:
+            pre.load_state_dict(self.pretraining_resumed)
+        self.pretraining_resumed = None
+
+        def stop_check(where: str) -> None:
+            if self.run.stop_agreed():
+                kept = (f"resumes from the checkpoint after pre-training epoch {len(pre.losses)}" if checkpoints
+                        and pre.losses else "the initialisation starts over when the run is resumed")
+                raise StopRequested(where, kept)
+
+        self.pretraining = pre if checkpoints else None
+        try:
+            result = pre.run(stop_check, self.run.save if checkpoints else None)
+            stop_check(f"the end of pre-training (epoch {len(pre.losses)})")  # before the minutes of the mixture fit
+        finally:
+            self.pretraining = None
+        return result
 
     def _initialise_by_trial(self) -> dict:
         """train.init=auto: each candidate initialisation, then train.init_trial_epochs of ordinary training;
@@ -172,18 +205,18 @@ class MultimodalStage(Stage):
         reader = self.val_data if self.val_data is not None else self.train_data
         for kind in candidates:
             self._restore(start)
-            info = self._initialise(kind)
-            kept[kind] = (self._snapshot(), info)
             try:
+                info = self._initialise(kind, checkpoints=False)
+                kept[kind] = (self._snapshot(), info)
                 for epoch in range(self.cfg.train.init_trial_epochs):
                     self.state.epoch, self.state.step = epoch, 0
                     self.train_epoch(epoch)
                     self.state.epoch = epoch + 1
                     self.closed_form_updates()
-            except StopRequested:  # a signal's checkpoint must hold the model as it was before any candidate
+            except StopRequested as stop:  # a signal's checkpoint must hold the model as it was before any candidate
                 self._restore(start)
                 self.run.save()
-                raise
+                raise StopRequested(stop.where, "the initialisation starts over when the run is resumed") from None
             scored[kind] = self.validation_elbo(reader)
         chosen = max(candidates, key=lambda k: scored[k])
         snapshot, info = kept[chosen]

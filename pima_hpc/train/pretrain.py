@@ -66,61 +66,111 @@ def pretrain_decoders(model, seed: int) -> dict:
     return decoders
 
 
-def pretrain_autoencoder(model, reader, ctx, epochs: int, batch_size: int, lr: float, seed: int,
-                         balance: str = "values", augment: str = "none") -> dict:
+class AutoencoderPretraining:
     """Train the encoders and every modality's decoder on the reconstruction at z = mu with calibrated
-    variances; returns the negative log-likelihood per sample of each epoch (mean over its steps) and each
-    modality's final noise std (normalised units).
+    variances, epoch by epoch; :meth:`result` gives the negative log-likelihood per sample of each epoch
+    (mean over its steps) and each modality's final noise std (normalised units).
 
     ``augment="affine"``: the encoders see every image moved at random, the decoders reconstruct it as stored
     (pima_hpc/train/augment.py). Measured on MNIST images (seed 4, 10 epochs, one UMAP): the start 94.7 % against
-    92.3 % on validation; reconstructing the moved image instead (DEC-DA's recipe) gave 79.4-89.4 % (docs/method.md)."""
-    if epochs == 0:
-        return {"pretrain_losses": []}
-    decoders = pretrain_decoders(model, seed)
-    names = [n for n in model.names if n in decoders and (balance != "images" or n in model.image_names)]
-    if not names:
-        return {"pretrain_losses": []}
-    extra = torch.nn.ModuleList([decoders[n] for n in model.curve_names])
-    params = [p for m in (model.encoders, model.decoders, extra) for p in m.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    counts = reader.global_counts(batch_size)
-    floor = model.cfg.image_noise_floor ** 2
-    dims = np.array([float(np.prod(model.spec[n].shape)) for n in names])
-    latent = model.cfg.latent_dim
-    start_encoder_variances(model, np.full(latent, 1.0 / len(model.names)))  # log-variance 0 for every expert
-    model.train()
-    extra.train()
-    losses, var = [], np.ones(len(names))
-    for epoch in range(epochs):
+    92.3 % on validation; reconstructing the moved image instead (DEC-DA's recipe) gave 79.4-89.4 % (docs/method.md).
+
+    Resumable at epoch boundaries: :meth:`state_dict` after an epoch and :meth:`load_state_dict` into a fresh
+    instance (built on the model as checkpointed then) continue exactly as if never stopped, because an
+    epoch's batches and image moves are drawn from (seed, epoch) and nothing here reads the global generators.
+    """
+
+    def __init__(self, model, reader, ctx, epochs: int, batch_size: int, lr: float, seed: int,
+                 balance: str = "values", augment: str = "none"):
+        self.model, self.reader, self.ctx = model, reader, ctx
+        self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self.balance, self.augment = balance, augment
+        self.losses: list[float] = []
+        self.decoders = pretrain_decoders(model, seed) if epochs > 0 else {}
+        self.names = [n for n in model.names
+                      if n in self.decoders and (balance != "images" or n in model.image_names)]
+        self.var = np.ones(len(self.names))
+        self.extra = torch.nn.ModuleList([self.decoders[n] for n in model.curve_names if n in self.decoders])
+        self.params = [p for m in (model.encoders, model.decoders, self.extra) for p in m.parameters()]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr) if self.names else None
+        if self.names:  # log-variance 0 for every expert (idempotent: a resumed model already has it)
+            start_encoder_variances(model, np.full(model.cfg.latent_dim, 1.0 / len(model.names)))
+
+    @property
+    def done(self) -> bool:
+        return not self.names or len(self.losses) >= self.epochs
+
+    def run(self, after_step=None, after_epoch=None) -> dict:
+        """The remaining epochs. ``after_step(where)`` runs after every step (a stop check may raise there:
+        the epoch is then lost, the last :meth:`state_dict` is not); ``after_epoch()`` after every epoch."""
+        while not self.done:
+            self.epoch(len(self.losses), after_step)
+            if after_epoch is not None:
+                after_epoch()
+        return self.result()
+
+    def epoch(self, epoch: int, after_step=None) -> None:
+        model, reader, ctx, names = self.model, self.reader, self.ctx, self.names
+        counts = reader.global_counts(self.batch_size)
+        floor = model.cfg.image_noise_floor ** 2
+        dims = np.array([float(np.prod(model.spec[n].shape)) for n in names])
+        latent = model.cfg.latent_dim
+        model.train()
+        self.extra.train()
         total = 0.0
-        moves = epoch_moves(augment, reader.num_global, seed, epoch, PRETRAIN_STREAM)
-        for step, idx in enumerate(reader.batch_index_lists(batch_size, epoch, seed + 23, shuffle=True)):
+        moves = epoch_moves(self.augment, reader.num_global, self.seed, epoch, PRETRAIN_STREAM)
+        for step, idx in enumerate(reader.batch_index_lists(self.batch_size, epoch, self.seed + 23, shuffle=True)):
             batch = to_device(reader.read_batch(idx), ctx.device)
             # the encoders see the moved images (train.augment), the decoders reconstruct the batch as stored
             mu, _ = model.encode(moved_batch(batch, model.image_names, idx, moves))
-            sse = [((batch[n] - decoders[n](mu)) ** 2).flatten(1).sum(1).sum() for n in names]
+            sse = [((batch[n] - self.decoders[n](mu)) ** 2).flatten(1).sum(1).sum() for n in names]
             # sigma_m^2 in closed form from the global batch (every rank the same): the likelihood's
             # maximiser, so each modality's term is scale-free.
             sums = ctx.collective.allreduce_sum([np.array([float(v.detach()) for v in sse])])[0]
-            var = np.maximum(sums / (float(counts[step]) * dims), floor)
-            weight = 1.0 / (2.0 * var) / (dims if balance == "modalities" else 1.0)
+            self.var = np.maximum(sums / (float(counts[step]) * dims), floor)
+            weight = 1.0 / (2.0 * self.var) / (dims if self.balance == "modalities" else 1.0)
             loss = sum(float(w) * v for w, v in zip(weight, sse)) / float(counts[step])
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             (loss * ctx.world_size).backward()
-            ctx.average_gradients(params)
+            ctx.average_gradients(self.params)
             for enc in model.encoders.values():  # the log-variance heads stay constant (start_encoder_variances)
                 enc.head.weight.grad[latent:] = 0.0
                 enc.head.bias.grad[latent:] = 0.0
-            optimizer.step()
+            self.optimizer.step()
             # the global batch's negative log-likelihood per sample at those variances (the same on every rank)
-            nll = 0.5 * dims * (np.log(2 * np.pi * var) + 1.0)
-            total += float((nll / dims if balance == "modalities" else nll).sum())
-        losses.append(total / max(1, len(counts)))
+            nll = 0.5 * dims * (np.log(2 * np.pi * self.var) + 1.0)
+            total += float((nll / dims if self.balance == "modalities" else nll).sum())
+            if after_step is not None:
+                after_step(f"pre-training epoch {epoch + 1}, step {step + 1}")
+        self.losses.append(total / max(1, len(counts)))
         if ctx.is_root:
-            log.info("pre-training %d/%d  negative log-likelihood per sample %.4g  noise std %s", epoch + 1, epochs, losses[-1],
-                     ", ".join(f"{n} {np.sqrt(v):.3g}" for n, v in zip(names, var)))
-    return {"pretrain_losses": losses, "pretrain_noise_std": {n: float(np.sqrt(v)) for n, v in zip(names, var)}}
+            log.info("pre-training %d/%d  negative log-likelihood per sample %.4g  noise std %s", epoch + 1,
+                     self.epochs, self.losses[-1], ", ".join(f"{n} {np.sqrt(v):.3g}" for n, v in zip(names, self.var)))
+
+    def result(self) -> dict:
+        if not self.names:
+            return {"pretrain_losses": []}
+        return {"pretrain_losses": list(self.losses),
+                "pretrain_noise_std": {n: float(np.sqrt(v)) for n, v in zip(self.names, self.var)}}
+
+    def state_dict(self) -> dict:
+        """What an epoch-boundary checkpoint needs beyond the model: the curve decoders, the optimizer, the
+        losses so far and the last noise variances (tensors and plain containers: weights_only loads it)."""
+        return {"decoders": self.extra.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "losses": list(self.losses), "var": [float(v) for v in self.var]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.extra.load_state_dict(state["decoders"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.losses = [float(v) for v in state["losses"]]
+        self.var = np.asarray(state["var"], dtype=np.float64)
+
+
+def pretrain_autoencoder(model, reader, ctx, epochs: int, batch_size: int, lr: float, seed: int,
+                         balance: str = "values", augment: str = "none", after_step=None) -> dict:
+    """All of :class:`AutoencoderPretraining` in one call (no checkpoints between epochs)."""
+    return AutoencoderPretraining(model, reader, ctx, epochs, batch_size, lr, seed, balance,
+                                  augment).run(after_step)
 
 
 @torch.no_grad()

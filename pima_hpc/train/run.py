@@ -68,7 +68,7 @@ def train_from_config(cfg: Config, report=None, select_k: tuple[list[int], str] 
             print(summary_line(metrics) or "done")
         return 0
     except StopRequested as stop:
-        log.warning("checkpointed at %s after a signal; exiting with %d so the job can be requeued",
+        log.warning("stopped at %s after a signal; exiting with %d so the job can be requeued",
                     stop, EXIT_REQUEUE)
         return EXIT_REQUEUE
     except RuntimeError as exc:

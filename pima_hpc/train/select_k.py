@@ -101,6 +101,7 @@ def select_k(cfg, ks: list[int], criterion: str, ctx, out_dir: str | None = None
     select_k.png to ``out_dir`` (run_dir)."""
     from pima_hpc.atomic import atomic_write_text
     from pima_hpc.train.pretrain import fused_means, pretrain_autoencoder
+    from pima_hpc.train.signals import StopRequested
     from pima_hpc.train.trainer import Trainer
 
     if criterion not in CRITERIA:
@@ -109,8 +110,17 @@ def select_k(cfg, ks: list[int], criterion: str, ctx, out_dir: str | None = None
     try:
         trainer = Trainer(cfg, ctx)
         t, model = cfg.train, trainer.model
-        pre = pretrain_autoencoder(model, trainer.train_data, ctx, t.pretrain_epochs, t.batch_size, t.lr, cfg.seed,
-                                   t.pretrain_balance, t.augment)
+
+        def stop_check(where: str) -> None:  # a Slurm USR1 or TERM: exit 75 now, not after the pre-training
+            if trainer.stop_agreed():
+                raise StopRequested(f"select-k's {where}", "nothing saved: K is chosen again when the run is resumed")
+
+        trainer.signals.install()
+        try:
+            pre = pretrain_autoencoder(model, trainer.train_data, ctx, t.pretrain_epochs, t.batch_size, t.lr,
+                                       cfg.seed, t.pretrain_balance, t.augment, after_step=stop_check)
+        finally:
+            trainer.signals.uninstall()
         train_means = gather_subsample(ctx.collective, fused_means(model, trainer.train_data, trainer.eval_batch,
                                                                     ctx.device), max_rows)
         val_means = None

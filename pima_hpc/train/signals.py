@@ -18,7 +18,12 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; Slurm scripts requeu
 
 
 class StopRequested(Exception):
-    """Raised after a signal-triggered checkpoint, so the CLI exits with EXIT_REQUEUE."""
+    """Raised after a signal-triggered checkpoint, so the CLI exits with EXIT_REQUEUE: ``where`` the run
+    stopped and how a resumed run goes on (from a checkpoint written there, an older one, or the start)."""
+
+    def __init__(self, where: str, resumes: str = "checkpointed there"):
+        super().__init__(f"{where} ({resumes})")
+        self.where = where
 
 
 class SignalFlag:

@@ -133,6 +133,8 @@ class Trainer:
                               for n, st in memory.items()} if memory else None),
             "streaming": self.streaming.state(self._streaming_rows) if self.streaming is not None else None,
         }
+        if self.multimodal.pretraining is not None:  # between two epochs of train.init=pretrain's pre-training
+            payload["pretrain"] = self.multimodal.pretraining.state_dict()
         if self.crossmodal is not None:
             payload["crossmodal"] = self.crossmodal.state_dict()
             payload["xm_optimizer"] = self.crossmodal_stage.optimizer.state_dict()
@@ -141,6 +143,8 @@ class Trainer:
     def save(self, best: bool = False) -> None:
         s = self.state
         name = f"ckpt-{s.stage}-e{s.epoch:04d}-s{s.step:06d}"
+        if self.multimodal.pretraining is not None:
+            name = f"ckpt-pretrain-e{len(self.multimodal.pretraining.losses):04d}-s000000"
         # Never write a checkpoint a resume would choke on: non-finite weights stop the run instead.
         bad = [f"{m}.{k}" for m, module in (("model", self.model), ("crossmodal", self.crossmodal))
                if module is not None for k, v in module.state_dict().items()
@@ -210,13 +214,21 @@ class Trainer:
             if not self.streaming.load_state(payload["streaming"], self.ctx.rank, self.ctx.world_size):
                 log.warning("resumed mid-epoch on %d ranks, checkpointed on another number: the streaming "
                             "statistics are summed into the totals (equal up to rounding)", self.ctx.world_size)
+        self.multimodal.pretraining_resumed = payload.get("pretrain")
         if payload.get("curve_memory"):
             memory = self.multimodal.curve_memory = em.new_curve_statistics(self.model)
             for n, vals in payload["curve_memory"].items():
                 memory[n].set_arrays([v.numpy() for v in vals.values()])
-        log.info("resumed from %s (stage %s, epoch %d, step %d)", path, self.state.stage,
-                 self.state.epoch, self.state.step)
+        if "pretrain" in payload:
+            log.info("resumed from %s (pre-training, %d epoch(s) done)", path, len(payload["pretrain"]["losses"]))
+        else:
+            log.info("resumed from %s (stage %s, epoch %d, step %d)", path, self.state.stage,
+                     self.state.epoch, self.state.step)
         return True
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank has had a stop signal (every rank gets the same answer, so all stop together)."""
+        return bool(self.agree([float(self.signals.requested)])[0] > 0)
 
     def agree(self, flags: list[float]) -> np.ndarray:
         """Combine per-rank flags (stop request, non-finite) so every rank takes the same branch."""
