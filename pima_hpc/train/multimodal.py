@@ -172,16 +172,16 @@ class MultimodalStage(Stage):
             pre.load_state_dict(self.pretraining_resumed)
         self.pretraining_resumed = None
 
-        def stop_check(where: str) -> None:
-            if self.run.stop_agreed():
-                kept = (f"resumes from the checkpoint after pre-training epoch {len(pre.losses)}" if checkpoints
-                        and pre.losses else "the initialisation starts over when the run is resumed")
-                raise StopRequested(where, kept)
+        def stop(where: str) -> None:
+            kept = (f"resumes from the checkpoint after pre-training epoch {len(pre.losses)}" if checkpoints
+                    and pre.losses else "the initialisation starts over when the run is resumed")
+            raise StopRequested(where, kept)
 
         self.pretraining = pre if checkpoints else None
         try:
-            result = pre.run(stop_check, self.run.save if checkpoints else None)
-            stop_check(f"the end of pre-training (epoch {len(pre.losses)})")  # before the minutes of the mixture fit
+            result = pre.run(lambda: self.run.signals.requested, stop, self.run.save if checkpoints else None)
+            if self.run.stop_agreed():  # a signal during the last step: before the minutes of the mixture fit
+                stop(f"the end of pre-training (epoch {len(pre.losses)})")
         finally:
             self.pretraining = None
         return result

@@ -100,16 +100,18 @@ class AutoencoderPretraining:
     def done(self) -> bool:
         return not self.names or len(self.losses) >= self.epochs
 
-    def run(self, after_step=None, after_epoch=None) -> dict:
-        """The remaining epochs. ``after_step(where)`` runs after every step (a stop check may raise there:
-        the epoch is then lost, the last :meth:`state_dict` is not); ``after_epoch()`` after every epoch."""
+    def run(self, stop_requested=None, on_stop=None, after_epoch=None) -> dict:
+        """The remaining epochs. ``stop_requested()`` is this rank's stop flag; it rides each step's sum of
+        squared errors across ranks (no extra collective), and when any rank's is set every rank calls
+        ``on_stop(where)`` after that same step, which must raise (the epoch is then lost, the last
+        :meth:`state_dict` is not). ``after_epoch()`` runs after every epoch."""
         while not self.done:
-            self.epoch(len(self.losses), after_step)
+            self.epoch(len(self.losses), stop_requested, on_stop)
             if after_epoch is not None:
                 after_epoch()
         return self.result()
 
-    def epoch(self, epoch: int, after_step=None) -> None:
+    def epoch(self, epoch: int, stop_requested=None, on_stop=None) -> None:
         model, reader, ctx, names = self.model, self.reader, self.ctx, self.names
         counts = reader.global_counts(self.batch_size)
         floor = model.cfg.image_noise_floor ** 2
@@ -126,7 +128,9 @@ class AutoencoderPretraining:
             sse = [((batch[n] - self.decoders[n](mu)) ** 2).flatten(1).sum(1).sum() for n in names]
             # sigma_m^2 in closed form from the global batch (every rank the same): the likelihood's
             # maximiser, so each modality's term is scale-free.
-            sums = ctx.collective.allreduce_sum([np.array([float(v.detach()) for v in sse])])[0]
+            flag = float(bool(stop_requested())) if stop_requested is not None else 0.0
+            sums = ctx.collective.allreduce_sum([np.array([float(v.detach()) for v in sse] + [flag])])[0]
+            stop, sums = sums[-1] > 0, sums[:-1]
             self.var = np.maximum(sums / (float(counts[step]) * dims), floor)
             weight = 1.0 / (2.0 * self.var) / (dims if self.balance == "modalities" else 1.0)
             loss = sum(float(w) * v for w, v in zip(weight, sse)) / float(counts[step])
@@ -140,8 +144,8 @@ class AutoencoderPretraining:
             # the global batch's negative log-likelihood per sample at those variances (the same on every rank)
             nll = 0.5 * dims * (np.log(2 * np.pi * self.var) + 1.0)
             total += float((nll / dims if self.balance == "modalities" else nll).sum())
-            if after_step is not None:
-                after_step(f"pre-training epoch {epoch + 1}, step {step + 1}")
+            if stop and on_stop is not None:
+                on_stop(f"pre-training epoch {epoch + 1}, step {step + 1}")
         self.losses.append(total / max(1, len(counts)))
         if ctx.is_root:
             log.info("pre-training %d/%d  negative log-likelihood per sample %.4g  noise std %s", epoch + 1,
@@ -167,10 +171,10 @@ class AutoencoderPretraining:
 
 
 def pretrain_autoencoder(model, reader, ctx, epochs: int, batch_size: int, lr: float, seed: int,
-                         balance: str = "values", augment: str = "none", after_step=None) -> dict:
+                         balance: str = "values", augment: str = "none", stop_requested=None, on_stop=None) -> dict:
     """All of :class:`AutoencoderPretraining` in one call (no checkpoints between epochs)."""
     return AutoencoderPretraining(model, reader, ctx, epochs, batch_size, lr, seed, balance,
-                                  augment).run(after_step)
+                                  augment).run(stop_requested, on_stop)
 
 
 @torch.no_grad()

@@ -111,14 +111,14 @@ def select_k(cfg, ks: list[int], criterion: str, ctx, out_dir: str | None = None
         trainer = Trainer(cfg, ctx)
         t, model = cfg.train, trainer.model
 
-        def stop_check(where: str) -> None:  # a Slurm USR1 or TERM: exit 75 now, not after the pre-training
-            if trainer.stop_agreed():
-                raise StopRequested(f"select-k's {where}", "nothing saved: K is chosen again when the run is resumed")
+        def stop(where: str) -> None:  # a Slurm USR1 or TERM: exit 75 now, not after the pre-training
+            raise StopRequested(f"select-k's {where}", "nothing saved: K is chosen again when the run is resumed")
 
         trainer.signals.install()
         try:
             pre = pretrain_autoencoder(model, trainer.train_data, ctx, t.pretrain_epochs, t.batch_size, t.lr,
-                                       cfg.seed, t.pretrain_balance, t.augment, after_step=stop_check)
+                                       cfg.seed, t.pretrain_balance, t.augment,
+                                       stop_requested=lambda: trainer.signals.requested, on_stop=stop)
         finally:
             trainer.signals.uninstall()
         train_means = gather_subsample(ctx.collective, fused_means(model, trainer.train_data, trainer.eval_batch,
