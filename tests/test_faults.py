@@ -258,14 +258,43 @@ def test_sigterm_checkpoints_mid_epoch_exits_75_and_resumes_bitwise(tmp_path, re
     assert_bitwise_same_run(reference(), run)
 
 
-def test_sigterm_after_the_umap_start_resumes_bitwise(tmp_path):
-    """train.pretrain_embedding=umap: the uninterrupted run calls UMAP (numba) in the process that then trains;
-    a run stopped mid-epoch resumes in a fresh process that never calls it. Both end bit for bit the same, so
-    the UMAP step leaves no process-wide state (threads, floating-point modes) that changes training."""
+def umap_child(pid: int) -> int | None:
+    """The trainer's spawned UMAP worker (not multiprocessing's resource tracker), if it runs now."""
+    for child in children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+        except OSError:
+            pass
+    return None
+
+
+def test_sigterm_during_and_after_the_umap_start_resumes_bitwise(tmp_path):
+    """train.pretrain_embedding=umap, two interruptions, then a resume that equals the uninterrupted run bit for bit.
+    1) SIGTERM while the UMAP child works (minutes on MNIST, past Slurm's signal lead time): the child is killed,
+    the run exits 75 within seconds and keeps the last pre-training checkpoint. 2) SIGTERM mid-epoch after the UMAP
+    start: the uninterrupted run called UMAP before training, the resumed process never does, and both end the
+    same, so the UMAP step leaves no process-wide state (threads, floating-point modes) that changes training."""
     extra = ("stages=[multimodal]", "train.init=pretrain", "train.pretrain_epochs=2", "train.pretrain_embedding=umap")
     reference_run = tmp_path / "reference"
     assert run_to_end(train_cmd(reference_run, *extra), tmp_path / "log-ref") == 0, tail(tmp_path / "log-ref")
     run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(train_cmd(run, *extra), log)
+    try:
+        wait_for(lambda: umap_child(proc.pid) is not None, RUN_TIMEOUT, proc, log)
+        worker = umap_child(proc.pid)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        tic = time.monotonic()
+        assert proc.wait(timeout=60) == 75, tail(log)
+        assert time.monotonic() - tic < 10, tail(log)
+        assert not alive(worker), "the UMAP child outlived the stopped run"
+    finally:
+        kill_pids(proc.pid)
+    assert ("stopped at the mixture fit after pre-training (resumes from the checkpoint after pre-training epoch 2)"
+            in log.read_text()), tail(log)
+    assert latest(run).startswith("ckpt-pretrain-e0002"), latest(run)
+    log = tmp_path / "log2"
     proc = start(train_cmd(run, *extra), log)
     try:
         wait_for(lambda: (latest(run) or "").startswith("ckpt-multimodal-e0001"), RUN_TIMEOUT, proc, log)
@@ -275,8 +304,8 @@ def test_sigterm_after_the_umap_start_resumes_bitwise(tmp_path):
     finally:
         kill_pids(proc.pid)
     assert not latest(run).startswith("ckpt-done"), latest(run)
-    assert run_to_end(train_cmd(run, *extra), tmp_path / "log2") == 0, tail(tmp_path / "log2")
-    assert "resumed from" in (tmp_path / "log2").read_text()
+    assert run_to_end(train_cmd(run, *extra), tmp_path / "log3") == 0, tail(tmp_path / "log3")
+    assert "resumed from" in (tmp_path / "log3").read_text()
     assert_bitwise_same_run(reference_run, run)
 
 

@@ -49,6 +49,20 @@ def test_umap_mixture_separates_rings_a_gaussian_mixture_cannot():
     assert np.array_equal(again[1], resp) and np.array_equal(again[0], umap_mixture(x, 2, seed=1000, neighbors=15))
 
 
+def test_umap_child_is_killed_on_a_stop_and_its_failure_is_one_error():
+    """A stop request ends the UMAP child at once (None, no orphan); a failure in the child is a RuntimeError
+    carrying its traceback, not a hang or a bare end of file."""
+    import multiprocessing
+    import time
+    x, _ = _rings()
+    tic = time.monotonic()
+    assert umap_mixtures(x, 2, [0, 1000, 2000], neighbors=15, stop_requested=lambda: True, poll_s=0.05) is None
+    assert time.monotonic() - tic < 5  # numba's compilation alone takes longer: the child did not finish
+    assert not multiprocessing.active_children()
+    with pytest.raises(RuntimeError, match=r"UMAP failed in its child process:\n(.|\n)*Traceback"):
+        umap_mixtures(x[:3], 2, [0], neighbors=15)  # fewer points than neighbours: UMAP cannot embed them
+
+
 def test_prior_is_the_m_step_of_the_responsibilities():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 3))

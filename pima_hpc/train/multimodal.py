@@ -144,9 +144,14 @@ class MultimodalStage(Stage):
                 # the mixture is fitted in eval mode: BatchNorm statistics the same on every rank first
                 self.run.recompute_batchnorm(self.model, self._multimodal_forward, t.precise_bn_batches,
                                              t.batch_size, 0)
-                info.update(fit_latent_mixture(self.model, self.train_data, bs, self.collective, self.device,
-                                               self.cfg.seed, embedding=t.pretrain_embedding,
-                                               neighbors=t.umap_neighbors, restarts=t.umap_restarts))
+                fit = fit_latent_mixture(self.model, self.train_data, bs, self.collective, self.device, self.cfg.seed,
+                                         embedding=t.pretrain_embedding, neighbors=t.umap_neighbors,
+                                         restarts=t.umap_restarts, stop_requested=lambda: self.run.signals.requested)
+                if fit is None:  # a signal during the UMAP fit (minutes): the pre-training's checkpoints stand
+                    from pima_hpc.train.signals import StopRequested
+                    raise StopRequested("the mixture fit after pre-training", self._pretraining_kept(
+                        len(info["pretrain_losses"]), checkpoints))
+                info.update(fit)
             _, curves = em.em_pass(self.model, self.train_data, bs, self.collective, self.device)
             if curves:  # the experts from the mixture's responsibilities (eq 17)
                 for name, st in curves.items():
@@ -173,9 +178,7 @@ class MultimodalStage(Stage):
         self.pretraining_resumed = None
 
         def stop(where: str) -> None:
-            kept = (f"resumes from the checkpoint after pre-training epoch {len(pre.losses)}" if checkpoints
-                    and pre.losses else "the initialisation starts over when the run is resumed")
-            raise StopRequested(where, kept)
+            raise StopRequested(where, self._pretraining_kept(len(pre.losses), checkpoints))
 
         self.pretraining = pre if checkpoints else None
         try:
@@ -185,6 +188,13 @@ class MultimodalStage(Stage):
         finally:
             self.pretraining = None
         return result
+
+    @staticmethod
+    def _pretraining_kept(epochs_done: int, checkpoints: bool) -> str:
+        """Where a run stopped during the initialisation goes on: the newest pre-training checkpoint, or the start."""
+        if checkpoints and epochs_done:
+            return f"resumes from the checkpoint after pre-training epoch {epochs_done}"
+        return "the initialisation starts over when the run is resumed"
 
     def _initialise_by_trial(self) -> dict:
         """train.init=auto: each candidate initialisation, then train.init_trial_epochs of ordinary training;

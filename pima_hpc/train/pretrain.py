@@ -212,7 +212,8 @@ def umap_mixture(sample: np.ndarray, n_clusters: int, seed: int, neighbors: int)
     return umap_mixtures(sample, n_clusters, [seed], neighbors)[0]
 
 
-def umap_mixtures(sample: np.ndarray, n_clusters: int, seeds: list[int], neighbors: int) -> list[np.ndarray]:
+def umap_mixtures(sample: np.ndarray, n_clusters: int, seeds: list[int], neighbors: int,
+                  stop_requested=None, poll_s: float = 0.2) -> list[np.ndarray] | None:
     """:func:`umap_mixture` once per random state in ``seeds`` (UMAP's and the mixture's), in order; each
     equals :func:`umap_mixture` with that random state alone (tested).
 
@@ -220,13 +221,40 @@ def umap_mixtures(sample: np.ndarray, n_clusters: int, seeds: list[int], neighbo
     state of the process it runs in, after which training rounded differently (~1e-6) from a resumed run
     that never called it, so a stopped run did not resume bit for bit (tests/test_faults.py). The child
     leaves the trainer's process as it was; one child for every restart compiles numba's code once.
+
+    ``stop_requested`` (a callable) is polled every ``poll_s`` seconds while the child works; when it turns
+    true the child is killed and None returned. UMAP with its restarts takes minutes on MNIST, longer than
+    Slurm's signal lead time, so a stop cannot wait for it. The child ignores SIGTERM and SIGUSR1 (sent to a
+    whole process group they reach it too): whether to stop is the trainer's decision, and the child dies
+    with the trainer's call.
     """
     require_umap()
-    import concurrent.futures
     import multiprocessing
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_umap_mixtures_here, np.ascontiguousarray(sample), n_clusters, list(seeds),
-                           neighbors).result()
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_umap_child, args=(send, np.ascontiguousarray(sample), n_clusters, list(seeds),
+                                                      neighbors), name="pima-umap", daemon=True)
+    child.start()
+    send.close()  # the child holds the only write end: its death is an end of file here
+    try:
+        while not receive.poll(poll_s):
+            if stop_requested is not None and stop_requested():
+                return None
+        try:
+            ok, value = receive.recv()
+        except EOFError:
+            child.join()
+            raise RuntimeError(f"the UMAP child process died (exit code {child.exitcode}) before it returned the "
+                               f"clusters; if the system killed it for memory, lower the subsample or "
+                               f"train.umap_restarts") from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receive.close()
+    if not ok:
+        raise RuntimeError(f"UMAP failed in its child process:\n{value}")
+    return value
 
 
 def _umap_mixtures_here(sample: np.ndarray, n_clusters: int, seeds: list[int], neighbors: int) -> list[np.ndarray]:
@@ -243,6 +271,20 @@ def _umap_mixtures_here(sample: np.ndarray, n_clusters: int, seeds: list[int], n
                                   random_state=seed).fit(emb)
             out.append(gmm.predict_proba(emb))
     return out
+
+
+def _umap_child(send, sample: np.ndarray, n_clusters: int, seeds: list[int], neighbors: int) -> None:
+    """The child's side of :func:`umap_mixtures`: the result, or the failure's traceback, back through ``send``."""
+    import signal
+    import traceback
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        result = (True, _umap_mixtures_here(sample, n_clusters, seeds, neighbors))
+    except Exception:
+        result = (False, traceback.format_exc())
+    send.send(result)
+    send.close()
 
 
 def restart_seeds(seed: int, restarts: int) -> list[int]:
@@ -297,7 +339,7 @@ def mean_log_likelihood(sample: np.ndarray, fit: dict) -> float:
 @torch.no_grad()
 def fit_latent_mixture(model, reader, batch_size: int, collective, device, seed: int,
                        max_rows: int = 20000, embedding: str = "none", neighbors: int = 30,
-                       restarts: int = 1) -> dict:
+                       restarts: int = 1, stop_requested=None) -> dict | None:
     """Set the mixture prior (means, covariances, weights) from a Gaussian mixture of the fused means.
 
     ``embedding="none"``: a GaussianMixture on the codes (diagonal or full, as ``model.cluster_covariance``). ``"umap"``: the clusters are found in a
@@ -305,27 +347,18 @@ def fit_latent_mixture(model, reader, batch_size: int, collective, device, seed:
     (:func:`mixture_from_responsibilities`); with ``restarts`` > 1 the embedding and its mixture are found that many
     times from other random states and the most reproducible clustering is kept (:func:`most_reproducible`).
     Rank 0 fits and broadcasts, so every rank holds the identical mixture.
+
+    ``stop_requested`` (rank 0's stop flag, a callable) ends the UMAP fit early: every rank then returns None
+    and the model is unchanged (the mixture on the codes themselves takes seconds and is not interrupted).
     """
     sample = gather_subsample(collective, fused_means(model, reader, batch_size, device), max_rows)
     fit = None
     if collective.is_root:
-        if embedding == "umap":
-            seeds = restart_seeds(seed, restarts)
-            resps = umap_mixtures(sample, model.cfg.n_clusters, seeds, neighbors)
-            chosen, mean_ari = most_reproducible([r.argmax(1) for r in resps])
-            fit = mixture_from_responsibilities(sample, resps[chosen], full=model.full_covariance)
-            fit["mean_log_likelihood"], fit["converged"] = mean_log_likelihood(sample, fit), True
-            if restarts > 1:
-                fit["umap_restarts"] = {"random_states": seeds, "mean_ari": mean_ari.tolist(), "chosen": seeds[chosen]}
-                log.info("UMAP restarts: kept random state %d, the clustering most like the others (mean adjusted "
-                         "Rand index %s)", seeds[chosen], ", ".join(f"{s} {a:.3f}" for s, a in zip(seeds, mean_ari)))
-        else:
-            gmm = GaussianMixture(n_components=model.cfg.n_clusters,
-                                  covariance_type="full" if model.full_covariance else "diag",
-                                  init_params="k-means++", n_init=3, reg_covar=1e-4, random_state=seed).fit(sample)
-            fit = {"weights": gmm.weights_, "means": gmm.means_, "covariances": gmm.covariances_,
-                   "mean_log_likelihood": float(gmm.score(sample)), "converged": bool(gmm.converged_)}
+        fit = (_fit_in_umap_embedding(sample, model, seed, neighbors, restarts, stop_requested) if embedding == "umap"
+               else _fit_to_codes(sample, model, seed))
     fit = collective.broadcast_object(fit)
+    if fit.get("stopped"):
+        return None
     cov = np.asarray(fit["covariances"])
     per_axis = np.diagonal(cov, axis1=1, axis2=2) if cov.ndim == 3 else cov
     start_encoder_variances(model, SAMPLE_VARIANCE_SHARE * per_axis.mean(0))
@@ -335,3 +368,31 @@ def fit_latent_mixture(model, reader, batch_size: int, collective, device, seed:
     return {"gmm_mean_log_likelihood": fit["mean_log_likelihood"], "gmm_converged": fit["converged"],
             "gmm_samples": int(len(sample)), "cluster_weights": np.asarray(fit["weights"]).tolist(),
             "embedding": embedding, **({"umap_restarts": fit["umap_restarts"]} if "umap_restarts" in fit else {})}
+
+
+def _fit_to_codes(sample: np.ndarray, model, seed: int) -> dict:
+    """A GaussianMixture (k-means++ starts) on the codes themselves, diagonal or full as the model's prior."""
+    gmm = GaussianMixture(n_components=model.cfg.n_clusters, covariance_type="full" if model.full_covariance else "diag",
+                          init_params="k-means++", n_init=3, reg_covar=1e-4, random_state=seed).fit(sample)
+    return {"weights": gmm.weights_, "means": gmm.means_, "covariances": gmm.covariances_,
+            "mean_log_likelihood": float(gmm.score(sample)), "converged": bool(gmm.converged_)}
+
+
+def _fit_in_umap_embedding(sample: np.ndarray, model, seed: int, neighbors: int, restarts: int,
+                           stop_requested) -> dict:
+    """The clusters of the most reproducible of ``restarts`` UMAP embeddings, as moments of the codes; ``{"stopped":
+    True}`` when ``stop_requested`` ended the embedding first."""
+    seeds = restart_seeds(seed, restarts)
+    log.info("finding %d clusters in a UMAP embedding of %d codes (%d restart%s, in a child process)",
+             model.cfg.n_clusters, len(sample), restarts, "s" if restarts > 1 else "")
+    resps = umap_mixtures(sample, model.cfg.n_clusters, seeds, neighbors, stop_requested)
+    if resps is None:
+        return {"stopped": True}
+    chosen, mean_ari = most_reproducible([r.argmax(1) for r in resps])
+    fit = mixture_from_responsibilities(sample, resps[chosen], full=model.full_covariance)
+    fit["mean_log_likelihood"], fit["converged"] = mean_log_likelihood(sample, fit), True
+    if restarts > 1:
+        fit["umap_restarts"] = {"random_states": seeds, "mean_ari": mean_ari.tolist(), "chosen": seeds[chosen]}
+        log.info("UMAP restarts: kept random state %d, the clustering most like the others (mean adjusted "
+                 "Rand index %s)", seeds[chosen], ", ".join(f"{s} {a:.3f}" for s, a in zip(seeds, mean_ari)))
+    return fit
