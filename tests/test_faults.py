@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -426,6 +427,33 @@ def test_two_ranks_signals_stop_every_rank_after_one_step_and_resume_bitwise(tmp
     assert list(a["model"]) == list(b["model"])
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     assert without_timings(a["state"]) == without_timings(b["state"])
+
+
+@needs_torchrun
+def test_two_ranks_signal_to_one_rank_in_pretraining_stops_both_after_the_same_step(tmp_path):
+    """Pre-training's stop flag rides each step's allreduce of squared errors: SIGUSR1 to rank 1 alone, in
+    pre-training epoch 2, stops both ranks after the same step, each exits 75, and the newest checkpoint is the one
+    after pre-training epoch 1 (a rank that missed the flag would wait in the next collective until the timeout)."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(torchrun_cmd(run, "train.init=pretrain", "train.pretrain_epochs=6"), log)
+    pids = [proc.pid]
+    try:
+        wait_for(lambda: latest(run) == "ckpt-pretrain-e0001-s000000.pt", RUN_TIMEOUT, proc, log)
+        workers = children(proc.pid)
+        pids += workers
+        assert len(workers) == 2
+        os.kill(next(w for w in workers if worker_rank(w) == 1), signal.SIGUSR1)
+        tic = time.monotonic()
+        assert proc.wait(timeout=90) != 0  # torchrun reports its workers' 75 as a failure
+        assert time.monotonic() - tic < 20, tail(log, 60)
+    finally:
+        kill_pids(*pids)
+    text = log.read_text()
+    assert text.count("exiting with 75") == 2, tail(log, 60)
+    where = re.findall(r"stopped at pre-training epoch (\d+), step (\d+) \(resumes from the checkpoint after "
+                       r"pre-training epoch 1\)", text)
+    assert len(where) == 2 and where[0] == where[1] and where[0][0] == "2", tail(log, 60)
+    assert latest(run) == "ckpt-pretrain-e0001-s000000.pt", latest(run)
 
 
 @needs_torchrun
