@@ -5,6 +5,9 @@ reads labels, and a missing umap-learn is one config error before any training."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +52,7 @@ def test_umap_mixture_separates_rings_a_gaussian_mixture_cannot():
     assert np.array_equal(again[1], resp) and np.array_equal(again[0], umap_mixture(x, 2, seed=1000, neighbors=15))
 
 
-def test_umap_child_is_killed_on_a_stop_and_its_failure_is_one_error():
+def test_umap_child_is_killed_on_a_stop_and_its_failure_is_one_error(tmp_path):
     """A stop request ends the UMAP child at once (None, no orphan); a failure in the child is a RuntimeError
     carrying its traceback, not a hang or a bare end of file."""
     import multiprocessing
@@ -61,6 +64,14 @@ def test_umap_child_is_killed_on_a_stop_and_its_failure_is_one_error():
     assert not multiprocessing.active_children()
     with pytest.raises(RuntimeError, match=r"UMAP failed in its child process:\n(.|\n)*Traceback"):
         umap_mixtures(x[:3], 2, [0], neighbors=15)  # fewer points than neighbours: UMAP cannot embed them
+    # a child that dies before it has read its arguments (here: a script without the __main__ guard, which the
+    # spawned child runs again) is an error at once; with megabytes of codes among its arguments it used to hang
+    script = tmp_path / "unguarded.py"
+    script.write_text("import numpy as np\nfrom pima_hpc.train.pretrain import umap_mixtures\n"
+                      "umap_mixtures(np.random.default_rng(0).normal(size=(20000, 10)), 2, [0], neighbors=5)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0 and "the UMAP child process died (exit code 1)" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_prior_is_the_m_step_of_the_responsibilities():

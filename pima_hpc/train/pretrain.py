@@ -19,6 +19,7 @@ variances and weights. Labels are never read.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -230,23 +231,36 @@ def umap_mixtures(sample: np.ndarray, n_clusters: int, seeds: list[int], neighbo
     """
     require_umap()
     import multiprocessing
+    import tempfile
     context = multiprocessing.get_context("spawn")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_umap_child, args=(send, np.ascontiguousarray(sample), n_clusters, list(seeds),
-                                                      neighbors), name="pima-umap", daemon=True)
-    child.start()
-    send.close()  # the child holds the only write end: its death is an end of file here
+    with tempfile.TemporaryDirectory(prefix="pima-umap-") as folder:
+        # the codes go through a file, not the process's arguments: CPython writes those into a pipe whose read end
+        # it holds itself until the write ends, so a child that died before reading megabytes of them hung start()
+        codes = Path(folder) / "codes.npy"
+        np.save(codes, np.ascontiguousarray(sample))
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_umap_child, args=(send, str(codes), n_clusters, list(seeds), neighbors),
+                                name="pima-umap", daemon=True)
+        child.start()
+        send.close()  # the child's copy of the write end is then the only one: its death is an end of file
+        return _umap_result(child, receive, stop_requested, poll_s)
+
+
+def _umap_result(child, receive, stop_requested, poll_s: float) -> list[np.ndarray] | None:
+    """What the UMAP child sends back, None after a stop request (the child killed), or one RuntimeError."""
+    from multiprocessing.connection import wait
     try:
-        while not receive.poll(poll_s):
+        while not receive.poll():
+            # the child's sentinel as well as the pipe: its exit is seen even if no end of file reaches the pipe
+            if child.sentinel in wait([receive, child.sentinel], poll_s) and not receive.poll():
+                raise EOFError
             if stop_requested is not None and stop_requested():
                 return None
-        try:
-            ok, value = receive.recv()
-        except EOFError:
-            child.join()
-            raise RuntimeError(f"the UMAP child process died (exit code {child.exitcode}) before it returned the "
-                               f"clusters; if the system killed it for memory, lower the subsample or "
-                               f"train.umap_restarts") from None
+        ok, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"the UMAP child process died (exit code {child.exitcode}) before it returned the "
+                           f"clusters; if the system killed it for memory, lower train.umap_restarts") from None
     finally:
         if child.is_alive():
             child.kill()
@@ -273,14 +287,14 @@ def _umap_mixtures_here(sample: np.ndarray, n_clusters: int, seeds: list[int], n
     return out
 
 
-def _umap_child(send, sample: np.ndarray, n_clusters: int, seeds: list[int], neighbors: int) -> None:
+def _umap_child(send, codes: str, n_clusters: int, seeds: list[int], neighbors: int) -> None:
     """The child's side of :func:`umap_mixtures`: the result, or the failure's traceback, back through ``send``."""
     import signal
     import traceback
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
     try:
-        result = (True, _umap_mixtures_here(sample, n_clusters, seeds, neighbors))
+        result = (True, _umap_mixtures_here(np.load(codes), n_clusters, seeds, neighbors))
     except Exception:
         result = (False, traceback.format_exc())
     send.send(result)
