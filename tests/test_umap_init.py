@@ -72,6 +72,12 @@ def test_umap_child_is_killed_on_a_stop_and_its_failure_is_one_error(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode != 0 and "the UMAP child process died (exit code 1)" in proc.stderr, proc.stderr[-2000:]
+    # a child that has sent its result exits on its own: killed then, its semaphore (joblib's) would leak
+    script.write_text("import numpy as np\nfrom pima_hpc.train.pretrain import umap_mixtures\nif __name__ == '__main__':\n"
+                      "    umap_mixtures(np.random.default_rng(0).normal(size=(300, 3)), 2, [0], neighbors=5)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and "leaked" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_prior_is_the_m_step_of_the_responsibilities():

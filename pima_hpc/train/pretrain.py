@@ -246,6 +246,10 @@ def umap_mixtures(sample: np.ndarray, n_clusters: int, seeds: list[int], neighbo
         return _umap_result(child, receive, stop_requested, poll_s)
 
 
+# How long a UMAP child that has sent its result may take to exit before it is killed.
+CHILD_EXIT_S = 30.0
+
+
 def _umap_result(child, receive, stop_requested, poll_s: float) -> list[np.ndarray] | None:
     """What the UMAP child sends back, None after a stop request (the child killed), or one RuntimeError."""
     from multiprocessing.connection import wait
@@ -257,6 +261,7 @@ def _umap_result(child, receive, stop_requested, poll_s: float) -> list[np.ndarr
             if stop_requested is not None and stop_requested():
                 return None
         ok, value = receive.recv()
+        child.join(CHILD_EXIT_S)  # its exit runs finalizers (joblib's semaphore): killed now, the semaphore leaks
     except EOFError:
         child.join()
         raise RuntimeError(f"the UMAP child process died (exit code {child.exitcode}) before it returned the "
