@@ -254,9 +254,11 @@ def _umap_result(child, receive, stop_requested, poll_s: float) -> list[np.ndarr
     """What the UMAP child sends back, None after a stop request (the child killed), or one RuntimeError."""
     from multiprocessing.connection import wait
     try:
-        while not receive.poll():
-            # the child's sentinel as well as the pipe: its exit is seen even if no end of file reaches the pipe
-            if child.sentinel in wait([receive, child.sentinel], poll_s) and not receive.poll():
+        while True:
+            ready = wait([receive, child.sentinel], poll_s)
+            if receive in ready:  # the result, or the end of file of a child that died (recv raises EOFError)
+                break
+            if ready:  # the child exited and its pipe did not say so
                 raise EOFError
             if stop_requested is not None and stop_requested():
                 return None
